@@ -1,0 +1,5 @@
+import sys
+
+from dsdm.cli import main
+
+sys.exit(main())

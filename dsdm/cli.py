@@ -1,0 +1,259 @@
+"""`python -m dsdm pretrain | distill | evaluate | show` — the library without Ray.
+
+Every command builds one `Config` (defaults < method preset < --budget < flags/--set),
+prints a short result, and maps a `DsdmError` to one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from dsdm.config import BUDGETS, Config, make_config
+from dsdm.errors import DsdmError
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("DSDM_CACHE", Path.home() / ".cache" / "dsdm"))
+
+
+# --- argument groups ---------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help="digits (offline default), mnist, fashionmnist, svhn, cifar10, cifar100, speechcommands")
+    p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
+    p.add_argument("--offline", action="store_true", help="never download; fail if files are missing")
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS), help="preset of iterations/epochs/models")
+    p.add_argument("--seed", type=int, help="seed of distillation and evaluation")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--cache", type=Path, default=None, help="where pre-trained zoos are kept (default $DSDM_CACHE or ~/.cache/dsdm)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set distill.alpha=0.9 (repeatable)")
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="comma-separated: convnet3,resnet10,densenet121")
+    p.add_argument("--runs", type=int, help="fresh networks per architecture")
+    p.add_argument("--epochs", type=int, help="training epochs per network (default: the protocol's)")
+    p.add_argument("--protocol", choices=["dsdm", "dm"], help="evaluation recipe (spec section 4)")
+    p.add_argument("--json", type=Path, help="write the results here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dsdm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a model zoo")
+    _common(p)
+    p.add_argument("--models", type=int, help="M, number of networks")
+    p.add_argument("--epochs", type=int, help="E, train to this epoch (added to the snapshots)")
+    p.add_argument("--snapshots", help="comma-separated epochs to keep, e.g. 1,5,10")
+    p.add_argument("--out", type=Path, required=True, help="zoo folder to write")
+
+    p = sub.add_parser("distill", help="distil a dataset into a small synthetic set")
+    _common(p)
+    p.add_argument("--method", choices=["dsdm", "dm", "random", "herding", "kcenter"])
+    p.add_argument("--ipc", type=int, help="stored images per class")
+    p.add_argument("--zoo", type=Path, help="zoo folder from `pretrain` (default: pre-train and cache)")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--lambda1", type=float, help="weight of L_SD (covariance matching)")
+    p.add_argument("--lambda2", type=float, help="weight of L_h (memory bank)")
+    p.add_argument("--models", type=int, help="M zoo models sampled from")
+    p.add_argument("--pretrain-epochs", type=int, help="E, which zoo snapshot")
+    p.add_argument("--factor", type=int, help="l of partition-and-expand (1 = off)")
+    p.add_argument("--lr-img", type=float)
+    p.add_argument("--reference", action="store_true", help="the straightforward loop instead of the fast path")
+    p.add_argument("--checkpoint", type=Path, help="resume from / write here (default: OUT.ckpt)")
+    p.add_argument("--out", type=Path, required=True, help="distilled-set file to write")
+
+    p = sub.add_parser("evaluate", help="train fresh networks on a distilled set (or a coreset)")
+    _common(p)
+    p.add_argument("file", nargs="?", type=Path, help="distilled-set file; omit to select a coreset with --method")
+    p.add_argument("--method", choices=["random", "herding", "kcenter"], help="coreset to select and evaluate")
+    p.add_argument("--ipc", type=int)
+    _eval_flags(p)
+
+    p = sub.add_parser("show", help="draw a distilled set as a class-by-class image grid")
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--decoded", action="store_true", help="draw the decoded (training) images")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Flags and --set pairs become dotted overrides on the chosen budget."""
+    flags = {
+        "data.dataset": getattr(args, "dataset", None), "data.root": getattr(args, "data_root", None),
+        "distill.method": getattr(args, "method", None), "distill.ipc": getattr(args, "ipc", None),
+        "distill.iterations": getattr(args, "iterations", None),
+        "distill.lambda1": getattr(args, "lambda1", None), "distill.lambda2": getattr(args, "lambda2", None),
+        "distill.num_models": getattr(args, "models", None) if args.command == "distill" else None,
+        "distill.pretrain_epochs": getattr(args, "pretrain_epochs", None),
+        "distill.factor": getattr(args, "factor", None), "distill.lr_img": getattr(args, "lr_img", None),
+        "distill.seed": args.seed, "eval.seed": args.seed,
+        "eval.archs": getattr(args, "arch", None), "eval.runs": getattr(args, "runs", None),
+        "eval.epochs": getattr(args, "epochs", None) if args.command == "evaluate" else None,
+        "eval.protocol": getattr(args, "protocol", None),
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if args.offline:
+        overrides["data.offline"] = True
+    if getattr(args, "reference", False):
+        overrides["distill.fast"] = False
+    if args.command == "pretrain":
+        if args.models is not None:
+            overrides["zoo.num_models"] = args.models
+        if args.snapshots or args.epochs:
+            snaps = {int(s) for s in (args.snapshots or "").split(",") if s.strip()}
+            overrides["zoo.snapshots"] = tuple(sorted(snaps | ({args.epochs} if args.epochs else set())))
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise DsdmError(f"--set expects KEY=VALUE, got '{pair}'")
+        overrides[key.strip()] = value.strip()
+    if args.command == "distill" and "distill.pretrain_epochs" in overrides and "zoo.snapshots" not in overrides:
+        # a zoo trained for this run keeps the snapshot the run asks for
+        overrides["zoo.snapshots"] = (int(overrides["distill.pretrain_epochs"]),)
+    if args.command == "distill" and "distill.num_models" in overrides and "zoo.num_models" not in overrides:
+        overrides["zoo.num_models"] = max(int(overrides["distill.num_models"]), 1)
+    return make_config(args.budget, overrides)
+
+
+# --- commands ----------------------------------------------------------------------------
+def _dataset(cfg: Config):
+    from dsdm.data import load_dataset
+
+    d = cfg.data
+    return load_dataset(d.dataset, d.root or None, offline=d.offline, val_fraction=d.val_fraction, seed=d.seed)
+
+
+def _zoo(cfg: Config, dataset, device, cache: Path):
+    from dsdm.zoo import load_or_train_zoo
+
+    zoo, folder = load_or_train_zoo(dataset, cfg.zoo, cache / "zoos", cfg.data.seed, cfg.data.val_fraction,
+                                    device, progress=lambda msg: print(msg, file=sys.stderr))
+    print(f"zoo: {folder}", file=sys.stderr)
+    return zoo
+
+
+def cmd_pretrain(args, cfg: Config) -> None:
+    from dsdm.train import resolve_device
+    from dsdm.zoo import ModelZoo, pretrain_one, zoo_arch
+
+    dataset, device = _dataset(cfg), resolve_device(args.device)
+    z = cfg.zoo
+    zoo = ModelZoo(zoo_arch(z, dataset), dataset.name, dataset.channels, dataset.num_classes,
+                   dataset.image_size, {k.split(".", 1)[1]: v for k, v in cfg.flat().items() if k.startswith("zoo.")})
+    from tqdm import tqdm
+
+    with tqdm(total=z.num_models * max(z.snapshots), desc="pretrain (model-epochs)", unit="ep") as bar:
+        for i in range(z.num_models):
+            zoo.add(pretrain_one(dataset, z, i, device, on_epoch=lambda e: bar.update(1)))
+    zoo.save(args.out)
+    for epoch in zoo.epochs:
+        accs = zoo.test_acc[epoch]
+        print(f"epoch {epoch}: test accuracy of the {len(accs)} models "
+              f"{100 * sum(accs) / len(accs):.2f}% (min {100 * min(accs):.2f}, max {100 * max(accs):.2f})")
+    print(f"wrote {args.out}")
+
+
+def cmd_distill(args, cfg: Config) -> None:
+    from tqdm import tqdm
+
+    from dsdm.coreset import select_coreset
+    from dsdm.distill import Distiller
+    from dsdm.train import resolve_device
+    from dsdm.zoo import ModelZoo
+
+    dataset, device = _dataset(cfg), resolve_device(args.device)
+    d, cache = cfg.distill, args.cache or default_cache()
+    start = time.time()
+    needs_zoo = d.method in ("herding", "kcenter") or (d.method == "dsdm" and d.pretrained)
+    zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
+    zoo_seconds = time.time() - start
+    if d.method in ("random", "herding", "kcenter"):
+        net = zoo.model(0, zoo.epochs[-1], device) if zoo is not None else None
+        synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, config=cfg.plain())
+    else:
+        distiller = Distiller(dataset, cfg, zoo, device)
+        checkpoint = args.checkpoint or args.out.with_suffix(args.out.suffix + ".ckpt")
+        with tqdm(total=d.iterations, desc=f"distill {d.method}", unit="it") as bar:
+            def log(metrics: dict, step: int) -> None:
+                bar.update(step - bar.n)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
+            synset = distiller.run(checkpoint=checkpoint, log=log)
+    synset.save(args.out)
+    print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
+          f"zoo {zoo_seconds:.1f}s, distill {time.time() - start - zoo_seconds:.1f}s")
+
+
+def cmd_evaluate(args, cfg: Config) -> None:
+    from tqdm import tqdm
+
+    from dsdm.coreset import select_coreset
+    from dsdm.evaluate import evaluate_set
+    from dsdm.synthetic import SyntheticSet
+    from dsdm.train import resolve_device
+
+    device = resolve_device(args.device)
+    if args.file is not None:
+        synset = SyntheticSet.load(args.file)
+        if args.dataset and args.dataset != synset.dataset:
+            raise DsdmError(f"'{args.file}' was distilled from {synset.dataset}, not {args.dataset}; drop --dataset")
+        cfg = cfg.override({"data.dataset": synset.dataset})
+        dataset = _dataset(cfg)
+        label = f"{args.file.name}"
+    else:
+        if not args.method:
+            raise DsdmError("evaluate needs a distilled-set FILE or --method random|herding|kcenter")
+        dataset = _dataset(cfg)
+        zoo = _zoo(cfg, dataset, device, args.cache or default_cache()) if args.method != "random" else None
+        net = zoo.model(0, zoo.epochs[-1], device) if zoo is not None else None
+        synset = select_coreset(args.method, dataset, cfg.distill.ipc, cfg.distill.seed, net, config=cfg.plain())
+        label = f"{args.method} ipc{cfg.distill.ipc}"
+    e = cfg.eval
+    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar:
+        results = evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1))
+    print(results_table(label, dataset.name, results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"set": label, "dataset": dataset.name, "budget": cfg.budget,
+                                         "config": cfg.plain(), "results": results}, indent=1))
+
+
+def results_table(label: str, dataset: str, results: dict) -> str:
+    lines = [f"| set | dataset | arch | protocol | epochs | test acc % (final epoch) | val acc % | runs | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arch, r in results.items():
+        lines.append(f"| {label} | {dataset} | {arch} | {r['protocol']} | {r['epochs']} | {r['mean']:.2f} ± {r['std']:.2f} "
+                     f"| {r['val_mean']:.2f} ± {r['val_std']:.2f} | {len(r['runs'])} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def cmd_show(args) -> None:
+    from dsdm.synthetic import SyntheticSet
+    from dsdm.visualize import save_grid
+
+    synset = SyntheticSet.load(args.file)
+    save_grid(synset, args.out, decoded=args.decoded)
+    print(f"wrote {args.out}")
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "show":
+            cmd_show(args)
+            return 0
+        cfg = config_from_args(args)
+        {"pretrain": cmd_pretrain, "distill": cmd_distill, "evaluate": cmd_evaluate}[args.command](args, cfg)
+    except DsdmError as exc:
+        print(f"dsdm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsdm: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0

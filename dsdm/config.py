@@ -1,0 +1,213 @@
+"""One frozen config tree that flows from the CLI into Tune trials and MLflow params.
+
+`Config(data, zoo, distill, eval)` has a flat dotted view (`distill.lambda1`) used by
+search spaces, `--set key=value` on the command line and MLflow params. Budgets are
+named sets of dotted overrides on top of the defaults (which are the paper's numbers).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+from dsdm.errors import DsdmError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    root: str = ""  # "" -> $DSDM_DATA, else ./data
+    offline: bool = False
+    val_fraction: float = 0.1  # stratified hold-out, seen by neither zoo nor distillation
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Pre-training of the model zoo (spec section 3)."""
+    arch: str = "auto"  # convnet3 for images, convnet4 for speech
+    num_models: int = 10  # M models in the zoo
+    snapshots: tuple[int, ...] = (20,)  # epochs at which weights are kept; trains to the max
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    cutmix_p: float = 0.5
+    max_per_class: int = 0  # 0 = whole training split; >0 subsamples for CPU budgets
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Algorithm 1 and its ablation switches (spec sections 2, 3, 5)."""
+    method: str = "dsdm"  # dsdm | dm | random | herding | kcenter
+    ipc: int = 10
+    factor: int = 2  # l x l tiles per stored image (speech: 1 x l along time)
+    iterations: int = 10_000
+    num_models: int = 10  # M: zoo models sampled from
+    pretrain_epochs: int = 20  # E: which snapshot of each zoo model
+    pretrained: bool = True  # False = a fresh random ConvNet per iteration (DM, Table 4 row 1)
+    lambda1: float = 50.0  # weight of L_SD
+    lambda2: float = 0.2  # weight of L_h
+    alpha: float = 0.99  # memory-bank EMA
+    warmup: int = 2000  # iterations before L_h enters the loss
+    lr_img: float = 0.0  # 0 = 0.1 * ipc / 10 (DSDM) or 1.0 (DM)
+    momentum: float = 0.5
+    batch_real: int = 256
+    per_class_step: bool = True  # reference DSDM: one optimiser step per class
+    fast: bool = True  # cached real features over a pool of augmentation draws
+    aug_pool: int = 16  # K Siamese draws cached per zoo snapshot (fast path)
+    log_every: int = 100
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Training fresh networks on the distilled set (spec section 4)."""
+    protocol: str = "dsdm"  # dsdm | dm  (see dsdm.evaluate.PROTOCOLS)
+    archs: tuple[str, ...] = ("convnet3",)
+    runs: int = 5
+    epochs: int = 0  # 0 = the protocol's number
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: str = "paper"
+
+    # --- flat dotted view -------------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        """{'data.dataset': 'digits', 'distill.lambda1': 50.0, ...}; tuples stay tuples."""
+        out: dict[str, Any] = {"budget": self.budget}
+        for section in SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                out[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return out
+
+    def plain(self) -> dict[str, Any]:
+        """The flat view with tuples as lists: JSON, MLflow params and weights_only files take it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.flat().items()}
+
+    def override(self, updates: dict[str, Any]) -> "Config":
+        """A new Config with dotted keys replaced; strings are parsed to the field type."""
+        sections = {s: {} for s in SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in updates.items():
+            section, _, name = key.partition(".")
+            if key == "budget":
+                top["budget"] = str(value)
+                continue
+            if section not in sections or name not in _field_types(section):
+                raise DsdmError(f"unknown config key '{key}'; valid keys: {', '.join(sorted(self.flat()))}")
+            sections[section][name] = _coerce(value, _field_types(section)[name], key)
+        replaced = {s: dataclasses.replace(getattr(self, s), **kw) for s, kw in sections.items() if kw}
+        return dataclasses.replace(self, **replaced, **top)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "Config":
+        return cls().override(flat)
+
+    def validate(self) -> "Config":
+        """Raise a one-line DsdmError for values no run can use; return self."""
+        d, z = self.distill, self.zoo
+        checks = [
+            (d.lambda1 >= 0 and d.lambda2 >= 0, f"lambda1/lambda2 must be >= 0 (got {d.lambda1}, {d.lambda2}); pass a non-negative weight"),
+            (d.ipc >= 1, f"ipc must be >= 1 (got {d.ipc})"),
+            (d.factor >= 1, f"factor must be >= 1 (got {d.factor})"),
+            (d.iterations >= 0, f"iterations must be >= 0 (got {d.iterations})"),
+            (0 <= d.alpha <= 1, f"alpha must be in [0, 1] (got {d.alpha})"),
+            (d.batch_real >= 2, f"batch_real must be >= 2 (got {d.batch_real})"),
+            (d.aug_pool >= 1, f"aug_pool must be >= 1 (got {d.aug_pool})"),
+            (z.num_models >= 1 and len(z.snapshots) >= 1 and min(z.snapshots) >= 1,
+             f"the zoo needs >= 1 model and snapshot epochs >= 1 (got {z.num_models}, {z.snapshots})"),
+            (not d.pretrained or d.method != "dsdm" or d.num_models <= z.num_models,
+             f"distill.num_models={d.num_models} is larger than the zoo ({z.num_models} models); raise zoo.num_models or lower M"),
+            (not d.pretrained or d.method != "dsdm" or d.pretrain_epochs in z.snapshots,
+             f"distill.pretrain_epochs={d.pretrain_epochs} is not a zoo snapshot {list(z.snapshots)}; add it to zoo.snapshots"),
+            (self.eval.runs >= 1, f"eval.runs must be >= 1 (got {self.eval.runs})"),
+            (0 <= self.data.val_fraction < 1, f"val_fraction must be in [0, 1) (got {self.data.val_fraction})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DsdmError(message)
+        return self
+
+
+SECTIONS = ("data", "zoo", "distill", "eval")
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    cls = {"data": DataConfig, "zoo": ZooConfig, "distill": DistillConfig, "eval": EvalConfig}[section]
+    return get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Parse CLI strings (and Tune's numpy scalars) into the declared field type."""
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if typ in (int, float, str):
+            if typ is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return typ(value)
+        # tuple[int, ...] or tuple[str, ...]
+        item = typ.__args__[0]
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return tuple(item(v.strip() if isinstance(v, str) else v) for v in value)
+    except (TypeError, ValueError):
+        raise DsdmError(f"config key '{key}' cannot take {value!r}; expected {getattr(typ, '__name__', typ)}") from None
+
+
+# Budgets: dotted overrides on the paper defaults. Every table states the budget it used.
+BUDGETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # Minutes on 2 CPU cores for MNIST-sized data; numbers are cut, and tables say so.
+    "cpu": {
+        "zoo.num_models": 4, "zoo.snapshots": (1, 2), "zoo.max_per_class": 300,
+        "distill.num_models": 4, "distill.pretrain_epochs": 2,
+        "distill.iterations": 200, "distill.warmup": 50, "distill.batch_real": 64,
+        "distill.aug_pool": 8, "distill.log_every": 20, "distill.checkpoint_every": 50,
+        "eval.runs": 3, "eval.epochs": 50,
+    },
+    # Seconds: exercises every code path on tiny data; the numbers mean nothing.
+    "smoke": {
+        "zoo.num_models": 2, "zoo.snapshots": (1,), "zoo.max_per_class": 50,
+        "distill.num_models": 2, "distill.pretrain_epochs": 1,
+        "distill.iterations": 10, "distill.warmup": 5, "distill.batch_real": 32,
+        "distill.aug_pool": 2, "distill.log_every": 5, "distill.checkpoint_every": 5,
+        "eval.runs": 2, "eval.epochs": 5,
+    },
+}
+
+
+# Methods that are DSDM's loop with other settings (spec section 5). Coresets need none.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "dsdm": {},
+    # DM: fresh random ConvNet per iteration, L_proto only, no factor, lr_img 1, one joint
+    # step per iteration, 20K iterations.
+    "dm": {"distill.pretrained": False, "distill.lambda1": 0.0, "distill.lambda2": 0.0,
+           "distill.factor": 1, "distill.per_class_step": False, "distill.iterations": 20_000},
+    "random": {}, "herding": {}, "kcenter": {},
+}
+
+
+def make_config(budget: str = "paper", overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults < method preset < budget < explicit overrides, resolved in this one place."""
+    if budget not in BUDGETS:
+        raise DsdmError(f"unknown budget '{budget}'; choose one of: {', '.join(BUDGETS)}")
+    overrides = dict(overrides or {})
+    method = str(overrides.get("distill.method", DistillConfig.method))
+    if method not in METHOD_PRESETS:
+        raise DsdmError(f"unknown method '{method}'; choose one of: {', '.join(METHOD_PRESETS)}")
+    cfg = Config(budget=budget).override({"distill.method": method, **METHOD_PRESETS[method]})
+    return cfg.override(BUDGETS[budget]).override(overrides).validate()

@@ -1,0 +1,2 @@
+class DsdmError(Exception):
+    """A user-facing error: one line that names the fix."""

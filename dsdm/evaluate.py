@@ -1,0 +1,96 @@
+"""Evaluation: train fresh networks on a (decoded) synthetic set, report final-epoch accuracy.
+
+Nothing here selects on test accuracy: each network is trained for the protocol's full
+schedule and its *final* weights are scored once on the validation split (for any
+selection a caller makes) and once on the test split (for reporting only).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from dsdm.augment import EVAL_OPS, ops_for
+from dsdm.config import EvalConfig
+from dsdm.data import Dataset
+from dsdm.synthetic import SyntheticSet
+from dsdm.train import TrainRecipe, accuracy, build_model, train_classifier
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """A named evaluation recipe; milestones are fractions of the epochs so budgets scale."""
+    name: str
+    epochs: int
+    batch_size: int
+    lr: float
+    milestones: tuple[float, ...]
+    gamma: float
+    cutmix_p: float
+
+    def recipe(self, dataset_name: str, epochs: int = 0) -> TrainRecipe:
+        epochs = epochs or self.epochs
+        return TrainRecipe(
+            epochs=epochs, batch_size=self.batch_size, lr=self.lr,
+            milestones=tuple(sorted({max(1, round(f * epochs)) for f in self.milestones})),
+            gamma=self.gamma, cutmix_p=self.cutmix_p, ops=ops_for(dataset_name, EVAL_OPS),
+        )
+
+
+PROTOCOLS: dict[str, EvalProtocol] = {
+    # Reference DSDM code: 1500 epochs, batch 64, lr x0.2 at epochs 1000 and 1250, CutMix p 0.5.
+    "dsdm": EvalProtocol("dsdm", 1500, 64, 0.01, (1000 / 1500, 1250 / 1500), 0.2, 0.5),
+    # DM code: 1000 epochs, batch 256, lr x0.1 at half, no CutMix.
+    "dm": EvalProtocol("dm", 1000, 256, 0.01, (0.5,), 0.1, 0.0),
+}
+
+
+def get_protocol(name: str) -> EvalProtocol:
+    from dsdm.errors import DsdmError
+
+    if name not in PROTOCOLS:
+        raise DsdmError(f"unknown evaluation protocol '{name}'; choose one of: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def train_and_score(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Dataset,
+                    recipe: TrainRecipe, seed: int, device: torch.device) -> dict[str, float]:
+    """One freshly initialised network trained on (x, y); final-epoch val and test accuracy."""
+    model = build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, seed).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    train_classifier(model, x.to(device), y.to(device), dataset.mean, dataset.std, recipe, generator)
+    return {
+        "val": accuracy(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std),
+        "test": accuracy(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std),
+    }
+
+
+def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device: torch.device,
+                 on_run: Callable[[str, int, dict], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Per architecture: mean/std/each run's test accuracy (%) and the same for validation."""
+    x, y = synset.decoded()
+    protocol = get_protocol(cfg.protocol)
+    recipe = protocol.recipe(dataset.name, cfg.epochs)
+    results: dict[str, dict[str, Any]] = {}
+    for arch in cfg.archs:
+        tests, vals, start = [], [], time.time()
+        for run in range(cfg.runs):
+            scores = train_and_score(arch, x, y, dataset, recipe, cfg.seed * 1000 + run, device)
+            tests.append(100 * scores["test"])
+            vals.append(100 * scores["val"])
+            if on_run is not None:
+                on_run(arch, run, scores)
+        results[arch] = {
+            "mean": statistics.fmean(tests), "std": _std(tests), "runs": tests,
+            "val_mean": statistics.fmean(vals), "val_std": _std(vals), "val_runs": vals,
+            "protocol": protocol.name, "epochs": recipe.epochs, "train_images": len(x),
+            "seconds": time.time() - start,
+        }
+    return results
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0

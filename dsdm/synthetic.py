@@ -1,0 +1,123 @@
+"""The distilled set: stored images in [0, 1] plus everything needed to use them later.
+
+One artifact file holds the images (float16 in [0, 1]), labels, the tile grid of the
+factor, the dataset name and normalisation, and the flat config that made it. It is
+written atomically and read with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsdm.errors import DsdmError
+
+FORMAT = "dsdm-synthetic-set"
+VERSION = 1
+
+
+def tile_grid(factor: int, kind: str) -> tuple[int, int]:
+    """Images split into factor x factor tiles; spectrograms only along time (width)."""
+    return (1, factor) if kind == "speech" else (factor, factor)
+
+
+@dataclass
+class SyntheticSet:
+    images: torch.Tensor  # (C * ipc, ch, H, W) stored images in [0, 1]
+    labels: torch.Tensor  # (C * ipc,) int64
+    grid: tuple[int, int]  # tiles per stored image (rows, cols); (1, 1) = no factor
+    dataset: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    config: dict[str, Any] = field(default_factory=dict)  # flat config that made it
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    @property
+    def ipc(self) -> int:
+        return len(self.labels) // max(self.num_classes, 1)
+
+    def decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images: every tile up-sampled to full size, labels repeated."""
+        from dsdm.augment import decode
+
+        with torch.no_grad():
+            return decode(self.images.float(), self.labels, self.grid)
+
+    # --- artifact I/O -------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "images": self.images.detach().clamp(0, 1).to(torch.float16).cpu(),
+            "labels": self.labels.detach().to(torch.int64).cpu(),
+            "grid": list(self.grid),
+            "dataset": self.dataset,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "config": _plain(self.config),
+        }
+        return atomic_torch_save(payload, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SyntheticSet":
+        payload = safe_torch_load(path, expect=FORMAT, what="distilled set",
+                                  fix="pass a file written by `python -m dsdm distill`")
+        return cls(
+            images=payload["images"].float(),
+            labels=payload["labels"],
+            grid=tuple(payload["grid"]),
+            dataset=payload["dataset"],
+            mean=tuple(payload["mean"]),
+            std=tuple(payload["std"]),
+            config=dict(payload["config"]),
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Config values as types `weights_only` loading accepts (tuples become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, then rename: no torn files on a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def safe_torch_load(path: str | Path, expect: str, what: str, fix: str) -> dict:
+    """Load a dsdm file with weights_only=True; foreign or truncated files get one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DsdmError(f"{what} '{path}' does not exist; {fix}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of foreign objects, not a torch file
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise DsdmError(f"'{path}' is not a readable {what} ({reason}); {fix}") from None
+    if not isinstance(payload, dict) or payload.get("format") != expect:
+        raise DsdmError(f"'{path}' is not a dsdm {what} (format tag missing or different); {fix}")
+    if payload.get("version", 0) > VERSION:
+        raise DsdmError(f"'{path}' was written by a newer dsdm (version {payload['version']}); upgrade dsdm")
+    return payload
