@@ -52,6 +52,8 @@ def train_classifier(
         order = torch.randperm(n, generator=generator).to(x.device)
         for start in range(0, n, recipe.batch_size):
             idx = order[start:start + recipe.batch_size]
+            if len(idx) == 1 and n > 1:  # BatchNorm (ResNet/DenseNet) cannot train on one sample
+                continue
             xb, yb = x[idx], y[idx]
             params = sample_aug_params(recipe.ops, len(idx), generator, device=x.device)
             xb = augment(xb, mean, std, params)

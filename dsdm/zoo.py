@@ -26,6 +26,7 @@ from dsdm.synthetic import atomic_torch_save
 from dsdm.train import TrainRecipe, accuracy, build_model, train_classifier
 
 PRETRAIN_OPS = (Op.COLOR, Op.CROP)  # spec: colour + crop augmentation, plus CutMix
+PRETRAIN_CALLS = 0  # models pre-trained in this process; Tune trials report it (must stay 0)
 
 
 def zoo_arch(cfg: ZooConfig, dataset: Dataset) -> str:
@@ -50,6 +51,8 @@ def pretrain_one(dataset: Dataset, cfg: ZooConfig, index: int, device: torch.dev
 
     A plain function of its inputs so a Ray actor can call it unchanged.
     """
+    global PRETRAIN_CALLS
+    PRETRAIN_CALLS += 1
     device = torch.device(device)
     seed = cfg.seed * 10_000 + index
     arch = zoo_arch(cfg, dataset)

@@ -16,7 +16,7 @@ from dsdm import speech
 from dsdm.data import Dataset, load_dataset, stratified_holdout
 from dsdm.errors import DsdmError
 
-SHARED = Path(os.environ.get("DSDM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+from conftest import SHARED  # noqa: E402  (one definition of the shared data path)
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: a private zoo cache, the shared data folder, digits and a tiny digits zoo."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import dsdm  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch starts OpenMP)
+import pytest  # noqa: E402
+
+# The shared read-only data (MNIST, FashionMNIST, spoken_commands) next to the checkout.
+SHARED = Path(os.environ.get("DSDM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+# The tiny zoo every distillation/coreset test shares (seconds to train on digits).
+TINY_ZOO = {"num_models": 2, "snapshots": (1, 2), "max_per_class": 30}
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dsdm_cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_zoo_cache(cache_root, monkeypatch):
+    """No test writes to ~/.cache/dsdm: DSDM_CACHE points at a session tmp folder."""
+    monkeypatch.setenv("DSDM_CACHE", str(cache_root))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED} (set DSDM_SHARED_DATA)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from dsdm.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(digits):
+    """2 convnet3 models on 30 images per class, snapshots at epochs 1 and 2."""
+    from dsdm.config import ZooConfig
+    from dsdm.zoo import train_zoo
+
+    return train_zoo(digits, ZooConfig(**TINY_ZOO))

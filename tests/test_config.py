@@ -1,0 +1,96 @@
+"""Config: flat view round-trip, string parsing, validation, budget/method precedence."""
+from __future__ import annotations
+
+import pytest
+
+from dsdm.config import BUDGETS, METHOD_PRESETS, Config, DistillConfig, make_config
+from dsdm.errors import DsdmError
+
+
+def test_flat_round_trip_equals():
+    cfg = make_config("cpu", {"distill.lambda1": 3.5, "zoo.snapshots": (1, 2, 10), "eval.archs": ("convnet3", "resnet10")})
+    flat = cfg.flat()
+    assert flat["distill.lambda1"] == 3.5 and flat["zoo.snapshots"] == (1, 2, 10) and flat["budget"] == "cpu"
+    assert Config.from_flat(flat) == cfg
+    # the JSON/MLflow view (tuples as lists) round-trips too
+    plain = cfg.plain()
+    assert plain["zoo.snapshots"] == [1, 2, 10]
+    assert Config.from_flat(plain) == cfg
+    assert Config.from_flat(Config().flat()) == Config()
+
+
+def test_override_parses_strings_to_field_types():
+    cfg = Config().override({
+        "distill.ipc": "50", "distill.lambda1": "1e-3", "distill.fast": "false", "distill.pretrained": "True",
+        "zoo.snapshots": "1, 5,10", "eval.archs": "convnet3,resnet10", "data.dataset": "mnist",
+    })
+    d = cfg.distill
+    assert d.ipc == 50 and type(d.ipc) is int
+    assert d.lambda1 == pytest.approx(1e-3) and type(d.lambda1) is float
+    assert d.fast is False and d.pretrained is True
+    assert cfg.zoo.snapshots == (1, 5, 10)
+    assert cfg.eval.archs == ("convnet3", "resnet10")
+    assert cfg.data.dataset == "mnist"
+    # the original is frozen and unchanged
+    assert Config().distill.ipc == 10
+    with pytest.raises(DsdmError, match="distill.ipc"):
+        Config().override({"distill.ipc": "ten"})
+    with pytest.raises(DsdmError, match="distill.fast"):
+        Config().override({"distill.fast": "maybe"})
+    with pytest.raises(DsdmError):
+        Config().override({"distill.ipc": 2.5})  # a non-integral float is not an int
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(DsdmError) as err:
+        Config().override({"foo.bar": 1})
+    msg = str(err.value)
+    assert "foo.bar" in msg and "distill.lambda1" in msg and "zoo.snapshots" in msg and "\n" not in msg
+    with pytest.raises(DsdmError, match="distill.lamda1"):
+        make_config("smoke", {"distill.lamda1": 1})
+
+
+@pytest.mark.parametrize("key", ["distill.lambda1", "distill.lambda2"])
+def test_negative_lambda_rejected(key):
+    with pytest.raises(DsdmError, match="lambda"):
+        make_config("smoke", {key: -0.1})
+    assert make_config("smoke", {key: 0.0}).flat()[key] == 0.0
+
+
+def test_budget_precedence():
+    # defaults < method preset < budget < overrides
+    dm = make_config("smoke", {"distill.method": "dm"})
+    assert dm.distill.iterations == BUDGETS["smoke"]["distill.iterations"]  # budget beats preset's 20000
+    assert dm.distill.factor == 1 and dm.distill.pretrained is False and dm.distill.lambda1 == 0.0  # preset
+    assert dm.distill.per_class_step is False
+    assert dm.distill.momentum == DistillConfig.momentum  # untouched default
+    dm_paper = make_config("paper", {"distill.method": "dm"})
+    assert dm_paper.distill.iterations == METHOD_PRESETS["dm"]["distill.iterations"] == 20_000
+    explicit = make_config("smoke", {"distill.method": "dm", "distill.iterations": 7, "distill.factor": 3})
+    assert explicit.distill.iterations == 7 and explicit.distill.factor == 3  # overrides beat all
+    dsdm = make_config("smoke")
+    assert dsdm.distill.factor == 2 and dsdm.distill.lambda1 == 50.0 and dsdm.budget == "smoke"
+    assert dsdm.zoo.num_models == 2 and dsdm.eval.epochs == 5
+    with pytest.raises(DsdmError, match="budget"):
+        make_config("huge")
+    with pytest.raises(DsdmError, match="method"):
+        make_config("smoke", {"distill.method": "magic"})
+
+
+def test_zoo_consistency_checks():
+    with pytest.raises(DsdmError, match="larger than the zoo"):
+        make_config("smoke", {"distill.num_models": 3})  # smoke zoo has 2
+    with pytest.raises(DsdmError, match="snapshot"):
+        make_config("smoke", {"distill.pretrain_epochs": 2})  # smoke snapshots (1,)
+    ok = make_config("smoke", {"distill.pretrain_epochs": 2, "zoo.snapshots": (1, 2)})
+    assert ok.distill.pretrain_epochs == 2
+    # DM (no pre-trained models) does not need the zoo to match
+    assert make_config("smoke", {"distill.method": "dm", "distill.num_models": 9}).distill.num_models == 9
+
+
+@pytest.mark.parametrize("key,value", [("distill.ipc", 0), ("distill.alpha", 1.5), ("eval.runs", 0),
+                                       ("data.val_fraction", 1.0), ("distill.batch_real", 1)])
+def test_other_invalid_values(key, value):
+    with pytest.raises(DsdmError) as err:
+        make_config("smoke", {key: value})
+    assert "\n" not in str(err.value)

@@ -1,0 +1,278 @@
+"""`python -m tune.search --dataset cifar10`: the zoo on an actor pool, DSDM trials under
+Ray Tune + Optuna, every trial and the cross-architecture evaluations recorded in MLflow.
+
+This is the one module that assembles Ray objects; the method lives in `dsdm/`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dsdm.config import BUDGETS, Config, make_config
+from dsdm.errors import DsdmError
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # val_acc arrives with the last report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tune.search", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
+    p.add_argument("--offline", action="store_true", help="never download datasets")
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--num-samples", type=int, default=20, help="trials Optuna proposes")
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS))
+    p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start Ray here")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--storage", type=Path, default=Path("runs"), help="Tune results, zoo cache, MLflow sqlite")
+    p.add_argument("--name", help="experiment folder under --storage (default DATASET-ipcN-BUDGET)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
+    p.add_argument("--mlflow-uri", help="tracking server URL (default: sqlite file under --storage)")
+    p.add_argument("--trial-cpus", type=float, default=1)
+    p.add_argument("--trial-gpus", type=float, default=0)
+    p.add_argument("--zoo-cpus", type=float, default=1, help="CPUs per pre-training actor")
+    p.add_argument("--zoo-gpus", type=float, default=0, help="GPUs per pre-training actor (fractions allowed)")
+    p.add_argument("--zoo-actors", type=int, help="actors in the pool (default: as many as fit)")
+    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
+    p.add_argument("--proxy-every", type=int, default=0, help="iterations between proxy val accuracies (ASHA)")
+    p.add_argument("--fix", nargs="*", default=[], metavar="KEY=VALUE", help="remove a key from the space, e.g. lambda1=50")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    p.add_argument("--cross-arch", choices=["best", "all", "none"], default="best")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler and distillation seed")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
+    return p
+
+
+def base_config(args: argparse.Namespace, space: dict, fixed: dict) -> Config:
+    """Budget + flags; the zoo covers every M and E the space can draw."""
+    from tune.space import zoo_grid
+
+    overrides: dict[str, Any] = {"data.dataset": args.dataset, "distill.ipc": args.ipc,
+                                 "distill.method": "dsdm", "distill.seed": args.seed}
+    if args.data_root:
+        overrides["data.root"] = str(Path(args.data_root).resolve())
+    if args.offline:
+        overrides["data.offline"] = True
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise DsdmError(f"--set expects KEY=VALUE, got '{pair}'")
+        overrides[key.strip()] = value.strip()
+    overrides.update(fixed)
+    models, epochs = zoo_grid(space, fixed)
+    overrides.setdefault("zoo.num_models", models)
+    overrides.setdefault("zoo.snapshots", epochs)
+    overrides.setdefault("distill.num_models", models)
+    overrides.setdefault("distill.pretrain_epochs", max(epochs))
+    return make_config(args.budget, overrides)
+
+
+def check_storage(storage: Path) -> Path:
+    storage = storage.expanduser().resolve()
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise DsdmError(f"storage path '{storage}' is not writable ({exc.strerror}); pass --storage DIR you can write") from None
+    return storage
+
+
+def start_ray(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
+    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0"}}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DsdmError(f"cannot reach the Ray cluster at '{address}' ({first}); start it with `ray start --head` "
+                        "or `ray up cluster.yaml`, or drop --address to run locally") from None
+
+
+def make_tuner(args, cfg: Config, space: dict, path: Path, trainable, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+    import optuna
+
+    if resume:
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    import ray
+
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(args.trial_cpus, 0.01)))
+    searcher = ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=args.seed)),
+                                  max_concurrent=slots)
+    if args.scheduler == "asha":
+        if not args.proxy_every:
+            raise DsdmError("--scheduler asha needs --proxy-every K (iterations between proxy accuracies)")
+        scheduler = ASHAScheduler(time_attr="iteration", max_t=cfg.distill.iterations,
+                                  grace_period=args.proxy_every, reduction_factor=2)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
+                                    num_samples=args.num_samples),
+        run_config=tune.RunConfig(
+            name=path.name, storage_path=str(path.parent), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def trial_table(results, space_keys: list[str]):
+    """One row per trial: sampled params, objective, reporting metrics, time, files."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial_id": m.get("trial_id", r.path.split("/")[-1] if r.path else "?")}
+        row.update({k.split(".")[-1]: (r.config or {}).get(k) for k in space_keys})
+        row.update({"val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"), "test_std": m.get("test_std"),
+                    "iteration": m.get("iteration"), "seconds": m.get("time_total_s"),
+                    "status": "ERROR" if r.error else ("DONE" if "test_acc" in m else "STOPPED"),
+                    "set_path": str(Path(r.checkpoint.path) / "distilled.pt") if (r.checkpoint and "test_acc" in m) else ""})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("val_acc", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float) -> dict[str, dict]:
+    """ResNet-10, DenseNet-121 and a longer ConvNet-3 evaluation of the best (or every) set, as Ray tasks."""
+    import ray
+
+    from tune.trainable import cross_arch_task
+
+    done = table[table["set_path"] != ""]
+    chosen = done if which == "all" else done.head(1)
+    eval_cfg = {**{k.split(".", 1)[1]: v for k, v in cfg.plain().items() if k.startswith("eval.")}}
+    tasks = {}
+    for _, row in chosen.iterrows():
+        for arch in ("convnet3", "resnet10", "densenet121"):
+            runs = cfg.eval.runs + 2 if arch == "convnet3" else cfg.eval.runs  # "ConvNet-3 with more runs"
+            task_cfg = {**eval_cfg, "archs": [arch], "runs": runs}
+            tasks[(row["trial_id"], arch)] = cross_arch_task.options(num_cpus=trial_cpus).remote(
+                row["set_path"], [data_ref], task_cfg, max(1, int(trial_cpus)))
+    out: dict[str, dict] = {}
+    for (trial_id, arch), ref in tasks.items():
+        out.setdefault(trial_id, {}).update(ray.get(ref))
+    return out
+
+
+def write_tables(table, path: Path) -> tuple[Path, Path]:
+    md, pq = path / "trials.md", path / "trials.parquet"
+    tmp_md, tmp_pq = md.with_suffix(".md.tmp"), pq.with_suffix(".parquet.tmp")
+    tmp_md.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    table.to_parquet(tmp_pq, engine="pyarrow", index=False)
+    os.replace(tmp_md, md)
+    os.replace(tmp_pq, pq)
+    return md, pq
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_search(args)
+    except DsdmError as exc:
+        print(f"tune.search: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tune.search: interrupted; rerun with --resume to finish the remaining trials", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> dict:
+    import ray
+    from ray import tune
+
+    from dsdm.data import load_dataset
+    from tune import tracking
+    from tune.space import parse_fixed, search_space
+    from tune.trainable import run_trial
+    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
+
+    t0 = time.time()
+    fixed = parse_fixed(args.fix)
+    space = search_space(args.budget, fixed)
+    cfg = base_config(args, space, fixed)
+    storage = check_storage(args.storage)
+    path = storage / (args.name or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}-{args.budget}")
+    if path.exists() and not args.resume:
+        raise DsdmError(f"'{path}' already holds a search; pass --resume to continue it or --name NEW for a new one")
+    if args.resume and not tune.Tuner.can_restore(str(path)):
+        raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
+    dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
+
+    uri = args.mlflow_uri or tracking.default_uri(storage)
+    tracking.quiet_mlflow()
+    tracking.check_reachable(uri)
+    experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
+                                               storage / "mlartifacts")
+    search_id = str(path)
+    parent = tracking.find_or_create_run(uri, experiment_id, {tracking.SEARCH_TAG: search_id},
+                                         tracking.SEARCH_TAG, name=f"search-{path.name}")
+    tracking.log_params(uri, parent, {**cfg.plain(), "search.num_samples": args.num_samples,
+                                      "search.scheduler": args.scheduler, "search.space": json.dumps(sorted(space))})
+
+    start_ray(args.address, args.num_cpus)
+    try:
+        data_ref = put_dataset(dataset)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        actors = args.zoo_actors or max(1, min(cfg.zoo.num_models, int(cpus // max(args.zoo_cpus, 0.01))))
+        zoo_refs, zoo_info = load_or_train_zoo_on_pool(
+            dataset, data_ref, cfg.zoo, storage, cfg.data.seed, cfg.data.val_fraction, actors,
+            args.zoo_cpus, args.zoo_gpus)
+        (path.parent / f"{path.name}.zoo.json").write_text(json.dumps(zoo_info, indent=1))
+
+        options = {"mlflow_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
+                   "search_id": search_id, "threads": args.trial_cpus, "gpus": args.trial_gpus,
+                   "proxy_every": args.proxy_every, "proxy_epochs": max(1, cfg.eval.epochs // 10 or 5)}
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=cfg.plain(), data=[data_ref], zoo=zoo_refs, options=options),
+            {"cpu": args.trial_cpus, "gpu": args.trial_gpus})
+        tuner = make_tuner(args, cfg, space, path, trainable, args.resume)
+        results = tuner.fit()
+
+        table = trial_table(results, sorted(space))
+        if args.cross_arch != "none":
+            cross = run_cross_arch(table, data_ref, cfg, args.cross_arch, args.trial_cpus)
+            for trial_id, res in cross.items():
+                run_id = tracking.find_or_create_run(uri, experiment_id, {tracking.TRIAL_TAG: trial_id},
+                                                     tracking.TRIAL_TAG, name=f"trial-{trial_id}")
+                tracking.log_metrics(uri, run_id, tracking.eval_metrics(res))
+                for arch, r in res.items():
+                    table.loc[table["trial_id"] == trial_id, f"acc/{arch}"] = f"{r['mean']:.2f} ± {r['std']:.2f}"
+    finally:
+        ray.shutdown()
+
+    md, pq = write_tables(table, path)
+    best = table.iloc[0].to_dict() if len(table) else {}
+    tracking.log_metrics(uri, parent, {"best_val_acc": best.get("val_acc") or float("nan"),
+                                       "best_test_acc": best.get("test_acc") or float("nan"),
+                                       "search_seconds": time.time() - t0})
+    tracking.log_artifacts(uri, parent, [md, pq])
+    tracking.finish(uri, parent)
+    print(table.to_markdown(index=False, floatfmt=".4g"))
+    print(f"\nbest (by validation accuracy): {json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")
+    print(f"best distilled set: {best.get('set_path', '')}")
+    print(f"tables: {md} {pq}\nMLflow: mlflow ui --backend-store-uri {uri}")
+    print(f"search wall time: {time.time() - t0:.1f}s")
+    return {"table": table, "path": path, "zoo": zoo_info, "mlflow_uri": uri}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""One Tune trial: DSDM distillation with the trial's config, then ConvNet-3 evaluation.
+
+A plain function of (config, large objects passed once through `tune.with_parameters`).
+The distiller's full state is checkpointed through Tune every `checkpoint_every`
+iterations, so a retried trial continues from its last iteration, not from 0.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from dsdm import zoo as dsdm_zoo
+from dsdm.config import Config
+from dsdm.distill import Distiller
+from dsdm.evaluate import evaluate_set
+from dsdm.synthetic import SyntheticSet
+from dsdm.train import resolve_device
+from dsdm.visualize import save_grid
+from tune import tracking
+from tune.zoo import ZooRefs, dataset_from_store
+
+CHECKPOINT_FILE = "distill.ckpt"
+SET_FILE = "distilled.pt"
+GRID_FILE = "grid.png"
+METRIC = "val_acc"  # the objective: ConvNet-3 accuracy on the held-out validation split
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> Config:
+    return Config.from_flat(base).override(sampled).validate()
+
+
+def proxy_accuracy(distiller: Distiller, cfg: Config, epochs: int, device) -> float:
+    """Cheap ASHA signal: one ConvNet-3 trained briefly on the current set, validation accuracy."""
+    short = replace(cfg.eval, archs=("convnet3",), runs=1, epochs=epochs)
+    return evaluate_set(distiller.synthetic_set(), distiller.dataset, short, device)["convnet3"]["val_mean"]
+
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: ZooRefs | None,
+              options: dict[str, Any]) -> None:
+    """`data` is [ObjectRef of the dataset payload] (a list so it is not resolved twice)."""
+    torch.set_num_threads(max(1, int(options.get("threads", 1))))
+    cfg = trial_config(base, config)
+    d = cfg.distill
+    device = resolve_device("cuda" if options.get("gpus", 0) > 0 else "cpu")
+    dataset = dataset_from_store(ray.get(data[0]))
+    pretrain_calls_before = dsdm_zoo.PRETRAIN_CALLS
+    model_zoo = zoo.materialise(d.num_models, d.pretrain_epochs) if (zoo is not None and d.pretrained) else None
+    distiller = Distiller(dataset, cfg, model_zoo, device)
+
+    checkpoint = tune.get_checkpoint()
+    resumed_from = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            distiller.load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        resumed_from = distiller.iteration
+
+    trial_id = tune.get_context().get_trial_id()
+    uri = options["mlflow_uri"]
+    tracking.quiet_mlflow()
+    run_id = tracking.find_or_create_run(
+        uri, options["experiment_id"],
+        {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: options["parent_run_id"],
+         tracking.SEARCH_TAG: options["search_id"]}, tracking.TRIAL_TAG, name=f"trial-{trial_id}")
+    tracking.log_params(uri, run_id, cfg.plain())
+
+    start, window, steps = time.time(), {}, 0
+    proxy_every = int(options.get("proxy_every", 0))
+    last_proxy = float("nan")
+    while distiller.iteration < d.iterations:
+        for key, value in distiller.step().items():
+            window[key] = window.get(key, 0.0) + value
+        steps += 1
+        it = distiller.iteration
+        if it % d.log_every and it % d.checkpoint_every and it != d.iterations:
+            continue
+        metrics = {f"loss/{k}": v / steps for k, v in window.items()}
+        metrics.update(iteration=it, seconds=time.time() - start, resumed_from=resumed_from)
+        window, steps = {}, 0
+        if proxy_every and (it % proxy_every == 0):
+            last_proxy = proxy_accuracy(distiller, cfg, int(options.get("proxy_epochs", 5)), device)
+            metrics["proxy_val_acc"] = last_proxy
+        tracking.log_metrics(uri, run_id, metrics, step=it)
+        # Optuna wants the objective in every report: the latest proxy, NaN before any exists
+        metrics[METRIC] = last_proxy
+        if it % d.checkpoint_every == 0 or it == d.iterations:
+            with tempfile.TemporaryDirectory() as folder:
+                distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+
+    final = evaluate_and_save(distiller, cfg, dataset, device)
+    final.update(distill_seconds=time.time() - start, resumed_from=resumed_from,
+                 zoo_pretrain_calls=dsdm_zoo.PRETRAIN_CALLS - pretrain_calls_before, iteration=distiller.iteration)
+    tracking.log_metrics(uri, run_id, {k: v for k, v in final.items() if k != "files"}, step=distiller.iteration)
+    with tempfile.TemporaryDirectory() as folder:
+        distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        for name, path in final.pop("files").items():
+            os.replace(path, Path(folder) / name)
+        tracking.log_artifacts(uri, run_id, [Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
+        tracking.finish(uri, run_id)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def evaluate_and_save(distiller: Distiller, cfg: Config, dataset, device) -> dict[str, Any]:
+    """ConvNet-3 evaluation (final epoch; selection uses val only) and the set + its grid as files."""
+    synset = distiller.synthetic_set()
+    results = evaluate_set(synset, dataset, replace(cfg.eval, archs=("convnet3",)), device)
+    out_dir = Path(tempfile.mkdtemp(prefix="dsdm-trial-"))
+    synset.save(out_dir / SET_FILE)
+    save_grid(synset, out_dir / GRID_FILE)
+    r = results["convnet3"]
+    return {METRIC: r["val_mean"], "test_acc": r["mean"], "test_std": r["std"],
+            **tracking.eval_metrics(results), "eval_seconds": r["seconds"],
+            "files": {SET_FILE: out_dir / SET_FILE, GRID_FILE: out_dir / GRID_FILE}}
+
+
+@ray.remote
+def cross_arch_task(set_path: str, data: list, eval_cfg: dict, threads: int) -> dict:
+    """Evaluate one distilled set on other architectures as a Ray task."""
+    from dsdm.config import EvalConfig
+
+    torch.set_num_threads(max(1, threads))
+    dataset = dataset_from_store(ray.get(data[0]))
+    cfg = EvalConfig(**{**eval_cfg, "archs": tuple(eval_cfg["archs"])})
+    return evaluate_set(SyntheticSet.load(set_path), dataset, cfg, resolve_device("auto"))
