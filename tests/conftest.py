@@ -49,3 +49,13 @@ def tiny_zoo(digits):
     from dsdm.zoo import train_zoo
 
     return train_zoo(digits, ZooConfig(**TINY_ZOO))
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST from the shared folder (loading only: 28x28 is ~15x slower than digits)."""
+    if not (SHARED / "MNIST").is_dir():
+        pytest.skip(f"shared MNIST not found under {SHARED} (set DSDM_SHARED_DATA)")
+    from dsdm.data import load_dataset
+
+    return load_dataset("mnist", SHARED, offline=True)

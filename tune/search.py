@@ -144,24 +144,30 @@ def trial_table(results, space_keys: list[str]):
         row.update({k.split(".")[-1]: (r.config or {}).get(k) for k in space_keys})
         row.update({"val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"), "test_std": m.get("test_std"),
                     "iteration": m.get("iteration"), "seconds": m.get("time_total_s"),
+                    "resumed_from": m.get("resumed_from"), "zoo_pretrain_calls": m.get("zoo_pretrain_calls"),
                     "status": "ERROR" if r.error else ("DONE" if "test_acc" in m else "STOPPED"),
                     "set_path": str(Path(r.checkpoint.path) / "distilled.pt") if (r.checkpoint and "test_acc" in m) else ""})
         rows.append(row)
     return pd.DataFrame(rows).sort_values("val_acc", ascending=False, na_position="last").reset_index(drop=True)
 
 
-def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float) -> dict[str, dict]:
-    """ResNet-10, DenseNet-121 and a longer ConvNet-3 evaluation of the best (or every) set, as Ray tasks."""
+CROSS_ARCHS = ("convnet3", "resnet10", "densenet121")
+
+
+def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float, skip: set[str]) -> dict[str, dict]:
+    """ResNet-10, DenseNet-121 and a longer ConvNet-3 evaluation of the best (or every) set, as
+    Ray tasks; trials in `skip` were evaluated by an earlier (resumed) invocation."""
     import ray
 
     from tune.trainable import cross_arch_task
 
     done = table[table["set_path"] != ""]
     chosen = done if which == "all" else done.head(1)
+    chosen = chosen[~chosen["trial_id"].isin(skip)]
     eval_cfg = {**{k.split(".", 1)[1]: v for k, v in cfg.plain().items() if k.startswith("eval.")}}
     tasks = {}
     for _, row in chosen.iterrows():
-        for arch in ("convnet3", "resnet10", "densenet121"):
+        for arch in CROSS_ARCHS:
             runs = cfg.eval.runs + 2 if arch == "convnet3" else cfg.eval.runs  # "ConvNet-3 with more runs"
             task_cfg = {**eval_cfg, "archs": [arch], "runs": runs}
             tasks[(row["trial_id"], arch)] = cross_arch_task.options(num_cpus=trial_cpus).remote(
@@ -249,13 +255,16 @@ def run_search(args: argparse.Namespace) -> dict:
 
         table = trial_table(results, sorted(space))
         if args.cross_arch != "none":
-            cross = run_cross_arch(table, data_ref, cfg, args.cross_arch, args.trial_cpus)
+            previous = tracking.cross_arch_results(uri, experiment_id, search_id, CROSS_ARCHS)
+            cross = run_cross_arch(table, data_ref, cfg, args.cross_arch, args.trial_cpus, set(previous))
             for trial_id, res in cross.items():
                 run_id = tracking.find_or_create_run(uri, experiment_id, {tracking.TRIAL_TAG: trial_id},
                                                      tracking.TRIAL_TAG, name=f"trial-{trial_id}")
                 tracking.log_metrics(uri, run_id, tracking.eval_metrics(res))
-                for arch, r in res.items():
-                    table.loc[table["trial_id"] == trial_id, f"acc/{arch}"] = f"{r['mean']:.2f} ± {r['std']:.2f}"
+            for trial_id, res in {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
+                                                 for t, v in cross.items()}}.items():
+                for arch, (mean, std) in res.items():
+                    table.loc[table["trial_id"] == trial_id, f"acc/{arch}"] = f"{mean:.2f} ± {std:.2f}"
     finally:
         ray.shutdown()
 

@@ -108,6 +108,18 @@ def eval_metrics(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def cross_arch_results(uri: str, experiment_id: str, search_id: str,
+                       archs: tuple[str, ...]) -> dict[str, dict[str, tuple[float, float]]]:
+    """{trial_id: {arch: (mean, std)}} for this search's trials that already have every arch."""
+    runs = _client(uri).search_runs([experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{search_id}'")
+    out = {}
+    for run in runs:
+        m, trial = run.data.metrics, run.data.tags.get(TRIAL_TAG)
+        if trial and all(f"acc_mean/{a}" in m for a in archs):
+            out[trial] = {a: (m[f"acc_mean/{a}"], m[f"acc_std/{a}"]) for a in archs}
+    return out
+
+
 def quiet_mlflow() -> None:
     """No retries against a dead server from inside trials, no git lookups."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

@@ -19,6 +19,7 @@ from ray import tune
 
 from dsdm import zoo as dsdm_zoo
 from dsdm.config import Config
+from dsdm.coreset import SELECTORS, select_coreset
 from dsdm.distill import Distiller
 from dsdm.evaluate import evaluate_set
 from dsdm.synthetic import SyntheticSet
@@ -52,15 +53,6 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
     device = resolve_device("cuda" if options.get("gpus", 0) > 0 else "cpu")
     dataset = dataset_from_store(ray.get(data[0]))
     pretrain_calls_before = dsdm_zoo.PRETRAIN_CALLS
-    model_zoo = zoo.materialise(d.num_models, d.pretrain_epochs) if (zoo is not None and d.pretrained) else None
-    distiller = Distiller(dataset, cfg, model_zoo, device)
-
-    checkpoint = tune.get_checkpoint()
-    resumed_from = 0
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            distiller.load_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        resumed_from = distiller.iteration
 
     trial_id = tune.get_context().get_trial_id()
     uri = options["mlflow_uri"]
@@ -70,6 +62,42 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
         {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: options["parent_run_id"],
          tracking.SEARCH_TAG: options["search_id"]}, tracking.TRIAL_TAG, name=f"trial-{trial_id}")
     tracking.log_params(uri, run_id, cfg.plain())
+
+    start = time.time()
+    if d.method in SELECTORS:  # coreset baselines: real images picked in a zoo model's embedding
+        net = zoo.materialise(1, d.pretrain_epochs).model(0, d.pretrain_epochs, device) if d.method != "random" else None
+        distiller, resumed_from = None, 0
+        synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, cfg.plain())
+    else:
+        distiller, resumed_from = distill_with_checkpoints(cfg, dataset, zoo, device, uri, run_id, options)
+        synset = distiller.synthetic_set()
+    final = evaluate_and_save(synset, cfg, dataset, device)
+    final.update(distill_seconds=time.time() - start - final["eval_seconds"], resumed_from=resumed_from,
+                 zoo_pretrain_calls=dsdm_zoo.PRETRAIN_CALLS - pretrain_calls_before, iteration=d.iterations,
+                 node=ray.get_runtime_context().get_node_id())
+    tracking.log_metrics(uri, run_id, {k: v for k, v in final.items() if k not in ("files", "node")}, step=d.iterations)
+    with tempfile.TemporaryDirectory() as folder:
+        if distiller is not None:
+            distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        for name, path in final.pop("files").items():
+            os.replace(path, Path(folder) / name)
+        tracking.log_artifacts(uri, run_id, [Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
+        tracking.finish(uri, run_id)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, uri: str, run_id: str,
+                             options: dict[str, Any]):
+    """Algorithm 1 under Tune: loss terms reported every log_every iterations, the distiller's
+    whole state checkpointed every checkpoint_every, resumed from Tune's last checkpoint."""
+    d = cfg.distill
+    model_zoo = zoo.materialise(d.num_models, d.pretrain_epochs) if (zoo is not None and d.pretrained) else None
+    distiller = Distiller(dataset, cfg, model_zoo, device)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            distiller.load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    resumed_from = distiller.iteration
 
     start, window, steps = time.time(), {}, 0
     proxy_every = int(options.get("proxy_every", 0))
@@ -96,23 +124,11 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         else:
             tune.report(metrics)
-
-    final = evaluate_and_save(distiller, cfg, dataset, device)
-    final.update(distill_seconds=time.time() - start, resumed_from=resumed_from,
-                 zoo_pretrain_calls=dsdm_zoo.PRETRAIN_CALLS - pretrain_calls_before, iteration=distiller.iteration)
-    tracking.log_metrics(uri, run_id, {k: v for k, v in final.items() if k != "files"}, step=distiller.iteration)
-    with tempfile.TemporaryDirectory() as folder:
-        distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        for name, path in final.pop("files").items():
-            os.replace(path, Path(folder) / name)
-        tracking.log_artifacts(uri, run_id, [Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
-        tracking.finish(uri, run_id)
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+    return distiller, resumed_from
 
 
-def evaluate_and_save(distiller: Distiller, cfg: Config, dataset, device) -> dict[str, Any]:
+def evaluate_and_save(synset: SyntheticSet, cfg: Config, dataset, device) -> dict[str, Any]:
     """ConvNet-3 evaluation (final epoch; selection uses val only) and the set + its grid as files."""
-    synset = distiller.synthetic_set()
     results = evaluate_set(synset, dataset, replace(cfg.eval, archs=("convnet3",)), device)
     out_dir = Path(tempfile.mkdtemp(prefix="dsdm-trial-"))
     synset.save(out_dir / SET_FILE)

@@ -1,0 +1,103 @@
+"""Evaluation: result structure, determinism, protocol schedules, final-epoch (no selection)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dsdm.evaluate as ev
+from dsdm.config import EvalConfig
+from dsdm.coreset import select_coreset
+from dsdm.errors import DsdmError
+from dsdm.evaluate import PROTOCOLS, evaluate_set, get_protocol, train_and_score
+from dsdm.train import accuracy
+
+CFG = EvalConfig(archs=("convnet3", "resnet10"), runs=2, epochs=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def coreset(digits):
+    return select_coreset("random", digits, 2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def results(coreset, digits):
+    return evaluate_set(coreset, digits, CFG, torch.device("cpu"))
+
+
+def test_result_structure(results, coreset):
+    assert list(results) == ["convnet3", "resnet10"]
+    for arch, r in results.items():
+        assert len(r["runs"]) == 2 and len(r["val_runs"]) == 2
+        assert all(0 <= a <= 100 for a in r["runs"] + r["val_runs"])
+        assert r["mean"] == pytest.approx(sum(r["runs"]) / 2)
+        assert r["val_mean"] == pytest.approx(sum(r["val_runs"]) / 2)
+        assert r["std"] == pytest.approx(abs(r["runs"][0] - r["runs"][1]) / 2 ** 0.5)
+        assert r["protocol"] == "dsdm" and r["epochs"] == 2 and r["train_images"] == len(coreset.labels)
+        assert r["seconds"] >= 0
+
+
+def test_same_seed_identical_numbers(results, coreset, digits):
+    cfg = EvalConfig(archs=("convnet3",), runs=2, epochs=2, seed=3)
+    again = evaluate_set(coreset, digits, cfg, torch.device("cpu"))
+    for key in ("runs", "val_runs", "mean", "std"):
+        assert again["convnet3"][key] == results["convnet3"][key]
+
+
+def test_protocol_recipe_scales_milestones():
+    dsdm = get_protocol("dsdm")
+    full = dsdm.recipe("cifar10")
+    assert (full.epochs, full.milestones, full.batch_size, full.gamma, full.cutmix_p) == (1500, (1000, 1250), 64, 0.2, 0.5)
+    assert dsdm.recipe("cifar10", 15).milestones == (10, 12)  # 2/3 and 5/6 of the epochs
+    assert dsdm.recipe("cifar10", 150).milestones == (100, 125)
+    assert dsdm.recipe("digits", 1).milestones == (1,)
+    dm = get_protocol("dm")
+    assert dm.recipe("cifar10").milestones == (500,) and dm.recipe("cifar10", 10).milestones == (5,)
+    assert (dm.recipe("cifar10").batch_size, dm.recipe("cifar10").cutmix_p) == (256, 0.0)
+    # evaluation augmentation drops flip on digit data only
+    assert "flip" in [o.value for o in dsdm.recipe("cifar10").ops]
+    assert "flip" not in [o.value for o in dsdm.recipe("mnist").ops]
+    assert set(PROTOCOLS) == {"dsdm", "dm"}
+    with pytest.raises(DsdmError, match="protocol"):
+        get_protocol("best")
+
+
+def test_reported_accuracy_is_the_final_model(coreset, digits, monkeypatch):
+    """Record every network evaluate_set trains; the reported numbers are those final weights' scores."""
+    finals, epochs_seen = [], []
+    real_train = ev.train_classifier
+
+    def recording(model, x, y, mean, std, recipe, generator, on_epoch=None):
+        def spy(epoch, net):
+            epochs_seen.append(epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, net)
+        out = real_train(model, x, y, mean, std, recipe, generator, spy)
+        finals.append(copy.deepcopy(out))
+        return out
+
+    monkeypatch.setattr(ev, "train_classifier", recording)
+    cfg = EvalConfig(archs=("convnet3",), runs=2, epochs=3, seed=0)
+    res = evaluate_set(coreset, digits, cfg, torch.device("cpu"))["convnet3"]
+    assert epochs_seen == [1, 2, 3, 1, 2, 3]  # the full schedule, no early stop
+    assert len(finals) == 2
+    for i, net in enumerate(finals):
+        assert res["runs"][i] == pytest.approx(100 * accuracy(net, digits.test_x, digits.test_y, digits.mean, digits.std))
+        assert res["val_runs"][i] == pytest.approx(100 * accuracy(net, digits.val_x, digits.val_y, digits.mean, digits.std))
+    # and train_and_score (the per-network unit) gives the same numbers for the same seed
+    x, y = coreset.decoded()
+    one = train_and_score("convnet3", x, y, digits, get_protocol("dsdm").recipe("digits", 3), 1, torch.device("cpu"))
+    assert 100 * one["test"] == pytest.approx(res["runs"][1])
+
+
+def test_decoded_set_is_what_gets_trained(digits, monkeypatch):
+    """A factor-2 set trains on 4x as many images as it stores."""
+    s = select_coreset("random", digits, 1, seed=0)
+    s.grid = (2, 2)
+    seen = []
+    monkeypatch.setattr(ev, "train_and_score",
+                        lambda arch, x, y, *a, **k: seen.append((x.shape, y.tolist())) or {"val": 0.5, "test": 0.25})
+    res = evaluate_set(s, digits, EvalConfig(runs=1, epochs=1), torch.device("cpu"))
+    assert seen[0][0] == (40, 1, 8, 8) and seen[0][1] == s.labels.repeat_interleave(4).tolist()
+    assert res["convnet3"]["mean"] == 25.0 and res["convnet3"]["val_mean"] == 50.0

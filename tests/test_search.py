@@ -1,0 +1,84 @@
+"""`python -m tune.search` as a user runs it: zoo pool, 3 Tune trials, MLflow, Parquet, --resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_search(storage: Path, *extra: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke",
+           "--num-samples", "3", "--storage", str(storage), "--num-cpus", "2", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_runs(storage: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dsdm-digits-ipc10")
+    return client.search_runs([exp.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("search")
+    proc = run_search(storage)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return storage, proc
+
+
+def test_search_smoke_trains_zoo_once_on_two_actors(search):
+    storage, _ = search
+    info = json.loads((storage / "digits-ipc10-smoke.zoo.json").read_text())
+    assert info["trained"] is True
+    assert len(info["models"]) == 2
+    assert len({m["actor"] for m in info["models"]}) >= 2, info["models"]
+
+
+def test_search_smoke_trials_table_and_no_training_in_trials(search):
+    storage, proc = search
+    table = pq.read_table(storage / "digits-ipc10-smoke" / "trials.parquet").to_pandas()
+    assert len(table) == 3
+    assert set(table["status"]) == {"DONE"}
+    assert (table["zoo_pretrain_calls"] == 0).all()  # trials fetched snapshots, never trained
+    assert table["val_acc"].between(0, 100).all()
+    assert Path(table.loc[0, "set_path"]).is_file()  # best distilled set kept in the checkpoint
+    assert "best distilled set:" in proc.stdout
+
+
+def test_search_smoke_mlflow_records(search):
+    storage, _ = search
+    runs = mlflow_runs(storage)
+    trials = [r for r in runs if "dsdm.trial_id" in r.data.tags]
+    parents = [r for r in runs if "dsdm.trial_id" not in r.data.tags]
+    assert len(trials) == 3 and len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
+    assert all("acc_mean/convnet3" in r.data.metrics for r in trials)
+    assert all(r.data.params["distill.ipc"] == "10" for r in trials)
+    cross = [r for r in trials if "acc_mean/resnet10" in r.data.metrics]
+    assert len(cross) == 1 and "acc_mean/densenet121" in cross[0].data.metrics
+    best = max(trials, key=lambda r: r.data.metrics["val_acc"])
+    assert best.info.run_id == cross[0].info.run_id  # the cross-arch evaluation went to the best trial
+
+
+def test_search_resume_reuses_zoo_and_reruns_nothing(search):
+    storage, _ = search
+    before = pq.read_table(storage / "digits-ipc10-smoke" / "trials.parquet").to_pandas()
+    proc = run_search(storage, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((storage / "digits-ipc10-smoke.zoo.json").read_text())
+    assert info["trained"] is False
+    after = pq.read_table(storage / "digits-ipc10-smoke" / "trials.parquet").to_pandas()
+    assert sorted(after["trial_id"]) == sorted(before["trial_id"])
+    assert after.set_index("trial_id")["val_acc"].to_dict() == before.set_index("trial_id")["val_acc"].to_dict()
+    assert len([r for r in mlflow_runs(storage) if "dsdm.trial_id" in r.data.tags]) == 3
