@@ -169,9 +169,13 @@ def cmd_distill(args, cfg: Config) -> None:
 
     dataset, device = _dataset(cfg), resolve_device(args.device)
     d, cache = cfg.distill, args.cache or default_cache()
+    _check_ipc(dataset, cfg)  # before a zoo is pre-trained for nothing
     start = time.time()
     needs_zoo = d.method in ("herding", "kcenter") or (d.method == "dsdm" and d.pretrained)
     zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
+    if zoo is not None and zoo.dataset != dataset.name:  # same shapes (mnist/fashionmnist) would run silently
+        raise DsdmError(f"zoo '{args.zoo}' was pre-trained on {zoo.dataset}, not {dataset.name}; "
+                        f"pass a zoo pre-trained on {dataset.name} or drop --zoo")
     zoo_seconds = time.time() - start
     if d.method in ("random", "herding", "kcenter"):
         net = zoo.model(0, zoo.epochs[-1], device) if zoo is not None else None
@@ -179,6 +183,8 @@ def cmd_distill(args, cfg: Config) -> None:
     else:
         distiller = Distiller(dataset, cfg, zoo, device)
         checkpoint = args.checkpoint or args.out.with_suffix(args.out.suffix + ".ckpt")
+        if Path(checkpoint).is_file():  # a foreign or mismatched file fails here, before the progress bar
+            distiller.load_checkpoint(checkpoint)
         with tqdm(total=d.iterations, desc=f"distill {d.method}", unit="it") as bar:
             def log(metrics: dict, step: int) -> None:
                 bar.update(step - bar.n)
@@ -187,6 +193,14 @@ def cmd_distill(args, cfg: Config) -> None:
     synset.save(args.out)
     print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
           f"zoo {zoo_seconds:.1f}s, distill {time.time() - start - zoo_seconds:.1f}s")
+
+
+def _check_ipc(dataset, cfg: Config) -> None:
+    from dsdm.coreset import check_ipc
+    from dsdm.synthetic import tile_grid
+
+    rows, cols = tile_grid(cfg.distill.factor, dataset.kind)
+    check_ipc(dataset, cfg.distill.ipc, per_image=rows * cols if cfg.distill.method in ("dsdm", "dm") else 1)
 
 
 def cmd_evaluate(args, cfg: Config) -> None:

@@ -57,6 +57,10 @@ class DistillConfig:
     per_class_step: bool = True  # reference DSDM: one optimiser step per class
     fast: bool = True  # cached real features over a pool of augmentation draws
     aug_pool: int = 16  # K Siamese draws cached per zoo snapshot (fast path)
+    compile: str = "auto"  # fast path: torch.compile the synthetic forward (auto: iterations >= 1000) | on | off
+    precision: str = "fp32"  # fast path synthetic forward: fp32 | bf16 (autocast)
+    cache_dtype: str = "float32"  # storage of the cached centred real features: float32 | bfloat16 | float16
+    cache_max_mb: int = 0  # cap on the real-feature cache, LRU beyond it (exact: entries recompute); 0 = none
     log_every: int = 100
     checkpoint_every: int = 500
     seed: int = 0

@@ -6,19 +6,27 @@ synthetic batch of every class through the same Siamese augmentation, match prot
 (L_h), step the synthetic pixels, then update the memory bank.
 
 Two paths compute the same objective:
-- `reference`: the straightforward loop of the reference code (fresh real batch and
-  augmentation per class per iteration, one optimiser step per class, a separate
-  memory-bank forward after the update);
+- `reference` (`distill.fast=False`, `dsdm distill --reference`): the straightforward loop
+  of the reference code (fresh real batch and augmentation per class per iteration, one
+  optimiser step per class, a separate memory-bank forward after the update);
 - `fast` (default): real features of each zoo snapshot are computed once over a fixed
-  pool of K Siamese augmentation draws and cached as centred matrices (the covariance
-  term uses a Gram identity, never a d x d matrix); all classes go through one forward,
-  one joint step; the memory bank takes the prototypes of that same forward.
-  docs/benchmarks.md says where this objective differs and what it costs in accuracy.
+  pool of K Siamese augmentation draws (and K fixed real batches) and cached as centred
+  matrices (the covariance term uses a Gram identity, never a d x d matrix); all classes
+  go through one synthetic forward (instance norm keeps samples independent) and the
+  per-class losses are computed batched over classes; one joint step; the memory bank
+  takes the prototypes of that same forward (same draw, one step behind). Optional:
+  torch.compile of the synthetic forward (`distill.compile`), bf16 autocast
+  (`distill.precision`), reduced-precision storage and an LRU cap of the cache
+  (`distill.cache_dtype`, `distill.cache_max_mb`).
+  docs/benchmarks.md says where this objective differs, what it costs in accuracy and
+  what each speed lever gave (`python -m dsdm.bench`).
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +45,13 @@ from dsdm.zoo import ModelZoo, zoo_arch
 
 CHECKPOINT_FORMAT = "dsdm-distill-checkpoint"
 LogFn = Callable[[dict, int], None]
+TERMS = ("proto", "sd", "h", "total")
+# distill.compile=auto compiles the fast path's synthetic forward only for runs long enough to
+# amortise the compile (about 1-3 min on 2 CPU cores; ~0.4 s saved per CIFAR-shape iteration).
+COMPILE_AUTO_MIN_ITERATIONS = 1000
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 def image_lr(cfg: Config) -> float:
@@ -59,31 +74,163 @@ def init_synthetic(dataset: Dataset, ipc: int, grid: tuple[int, int], generator:
     return torch.cat(images), torch.cat(labels)
 
 
-class RealFeatureCache:
-    """Fast path: per (zoo model, augmentation draw) the real side of every class's loss.
+def nchw(x: torch.Tensor) -> torch.Tensor:
+    """x with exactly the NCHW strides (C*H*W, H*W, W, 1). DSA's crop returns channels_last
+    strides; for 1-channel images those are also "contiguous", so .contiguous() keeps them, and
+    a conv then still picks channels_last and hands GroupNorm a channels_last tensor."""
+    if x.dim() != 4:
+        return x.contiguous()
+    n, c, h, w = x.shape
+    if x.stride() == (c * h * w, h * w, w, 1):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
-    Entry (m, k) holds, per class, (mean, centred features, ||Cov||_F^2) of a fixed real
-    batch under draw k. Each entry is a pure function of (seed, m, k), so a resumed run
-    recomputes exactly what it had.
+
+def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """g(x) on an NCHW batch: the CPU GroupNorm (the ConvNet's instance norm) is 5-20x slower on
+    channels_last than on NCHW, forward and backward (measured; docs/benchmarks.md)."""
+    return net.embed(nchw(x))
+
+
+# --- the real side, cached -------------------------------------------------------------------
+
+class RealStats:
+    """The real side of every class's loss for one (zoo model, draw), stacked over classes.
+
+    mean (C, d) float32; xc (C, n, d) centred features in the cache's storage dtype, zero rows
+    past counts[c] (a class with fewer than batch_real images: zero rows change no Gram product);
+    norm_sq (C,) = ||Cov_T,c||_F^2 (float32, computed before any down-cast); dof (C,) = max(n_c - 1, 1).
+    Indexing/iterating gives per-class (mean, xc, norm_sq) as `losses.precompute_real` would.
     """
 
-    def __init__(self, dataset: Dataset, batch_real: int, seed: int, device: torch.device):
+    __slots__ = ("mean", "xc", "norm_sq", "dof", "counts")
+
+    def __init__(self, mean, xc, norm_sq, dof, counts):
+        self.mean, self.xc, self.norm_sq, self.dof, self.counts = mean, xc, norm_sq, dof, counts
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, c: int):
+        return self.mean[c], self.xc[c, : self.counts[c]], self.norm_sq[c]
+
+    def __iter__(self):
+        return (self[c] for c in range(len(self)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.mean, self.xc, self.norm_sq, self.dof))
+
+
+class RealFeatureCache:
+    """Fast path: per (zoo model m, augmentation draw k) the real side of every class's loss.
+
+    Entry (m, k) holds, for a fixed real batch per class, its mean, centred features and
+    ||Cov||_F^2 under draw k. Each entry is a pure function of (seed, m, k), so a resumed run
+    recomputes exactly what it had, and an entry evicted under `max_bytes` (least recently used
+    first) is recomputed bit-identically when needed again.
+    Size: K x M entries of C x batch_real x d values (CIFAR-10, K=16, M=10, n=256, d=2048:
+    160 x 21 MB = 3.4 GB in float32, half in bfloat16/float16).
+    """
+
+    def __init__(self, dataset: Dataset, batch_real: int, seed: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32, max_bytes: int = 0):
         self.dataset, self.batch_real, self.seed, self.device = dataset, batch_real, seed, device
-        self.entries: dict[tuple[int, int], list] = {}
+        self.dtype, self.max_bytes = dtype, int(max_bytes)
+        self.entries: OrderedDict[tuple[int, int], RealStats] = OrderedDict()
+        self.fills = self.hits = self.evictions = 0
+        self.fill_seconds = 0.0
+
+    def real_batch(self, m: int, k: int) -> list[torch.Tensor]:
+        """Indices into train_x of the fixed real batch of every class for entry (m, k)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + m * 1009 + k)
+        return [idx[torch.randperm(len(idx), generator=g)[: self.batch_real]] for idx in self.dataset.class_indices()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
 
     @torch.no_grad()
-    def get(self, m: int, k: int, net: torch.nn.Module, params) -> list:
-        if (m, k) not in self.entries:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + m * 1009 + k)
-            stats = []
-            for idx in self.dataset.class_indices():
-                pick = idx[torch.randperm(len(idx), generator=g)[: self.batch_real]]
-                x = self.dataset.train_x[pick].to(self.device)
-                f = net.embed(augment(x, self.dataset.mean, self.dataset.std, params))
-                xc, norm_sq = precompute_real(f)
-                stats.append((f.mean(0), xc, norm_sq))
-            self.entries[(m, k)] = stats
-        return self.entries[(m, k)]
+    def get(self, m: int, k: int, net: torch.nn.Module, params) -> RealStats:
+        key = (m, k)
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        start = time.perf_counter()
+        ds = self.dataset
+        means, xcs, norms, counts = [], [], [], []
+        for pick in self.real_batch(m, k):
+            f = embed(net, augment(ds.train_x[pick].to(self.device), ds.mean, ds.std, params)).float()
+            xc, norm_sq = precompute_real(f)  # norm in float32, before storage rounding
+            means.append(f.mean(0))
+            xcs.append(xc)
+            norms.append(norm_sq)
+            counts.append(len(pick))
+        n = max(counts)
+        xc = torch.zeros(len(counts), n, xcs[0].shape[1], dtype=self.dtype, device=self.device)
+        for c, x in enumerate(xcs):
+            xc[c, : len(x)] = x
+        dof = torch.tensor([float(max(c - 1, 1)) for c in counts], device=self.device)
+        entry = RealStats(torch.stack(means), xc, torch.stack(norms), dof, counts)
+        self.entries[key] = entry
+        self.fills += 1
+        while self.max_bytes and len(self.entries) > 1 and self.nbytes > self.max_bytes:
+            self.entries.popitem(last=False)
+            self.evictions += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.fill_seconds += time.perf_counter() - start
+        return entry
+
+
+def batched_class_losses(f_syn: torch.Tensor, real: RealStats, h: torch.Tensor | None,
+                         lambda1: float, lambda2: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`losses.dsdm_class_loss` for all classes at once (same formulas, bmm instead of a loop).
+
+    f_syn: (C, m, d) synthetic features, class c in row c; real: cached RealStats; h: (C, d)
+    memory-bank prototypes or None (L_h off). Returns per-class totals (C,) carrying the graph
+    and per-class detached terms {"proto", "sd", "h", "total"} of shape (C,).
+    """
+    C, m, d = f_syn.shape
+    mu = f_syn.mean(1)  # (C, d)
+    l_proto = (real.mean.to(f_syn.dtype) - mu).square().sum(1)  # (C,)
+    yc = f_syn - mu[:, None]  # (C, m, d)
+    dm = float(max(m - 1, 1))
+    xc = real.xc.to(f_syn.dtype)
+    cross = torch.bmm(xc, yc.transpose(1, 2)).square().sum((1, 2)) / (real.dof * dm)  # ||Xc Yc^T||^2/((n-1)(m-1))
+    syn = torch.bmm(yc, yc.transpose(1, 2)).square().sum((1, 2)) / (dm * dm)  # ||Yc Yc^T||^2/(m-1)^2
+    l_sd = (real.norm_sq - 2.0 * cross + syn).clamp_min(0.0) / d
+    l_h = (mu - h.detach().to(f_syn.dtype)).square().sum(1) / d if h is not None else torch.zeros_like(l_proto)
+    total = l_proto
+    if lambda1 != 0:  # as dsdm_class_loss: zero weights are skipped, so the total stays exact
+        total = total + lambda1 * l_sd
+    if lambda2 != 0 and h is not None:
+        total = total + lambda2 * l_h
+    return total, {"proto": l_proto.detach(), "sd": l_sd.detach(), "h": l_h.detach(), "total": total.detach()}
+
+
+def _maybe_compile(fn, enabled: bool):
+    """torch.compile(fn), falling back to eager (once, with a warning) if the backend fails."""
+    if not enabled:
+        return fn
+    compiled = torch.compile(fn, dynamic=False)
+    state = {"fn": compiled}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except DsdmError:
+            raise
+        except Exception as exc:  # inductor/compiler missing or failing: eager computes the same
+            if state["fn"] is fn:
+                raise
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          "running the fast path eagerly (set distill.compile=off to skip the attempt)")
+            state["fn"] = fn
+            return fn(*args)
+
+    return call
 
 
 class Distiller:
@@ -96,10 +243,21 @@ class Distiller:
         if d.pretrained and zoo is None:
             raise DsdmError("distillation with pre-trained models needs a zoo; pass --zoo DIR or let distill pre-train one")
         if d.pretrained:
+            if zoo.dataset.lower() != dataset.name.lower():
+                raise DsdmError(f"the zoo was pre-trained on {zoo.dataset}, not {dataset.name}; "
+                                f"pass a zoo pre-trained on {dataset.name}")
             if d.num_models > zoo.num_models:
                 raise DsdmError(f"M={d.num_models} is larger than the zoo ({zoo.num_models} models); lower --models or pre-train more")
             if d.pretrain_epochs not in zoo.epochs:
                 raise DsdmError(f"E={d.pretrain_epochs} is not a snapshot of the zoo {zoo.epochs}; pick one of those epochs")
+        if d.compile not in COMPILE_MODES:
+            raise DsdmError(f"distill.compile must be one of {', '.join(COMPILE_MODES)} (got '{d.compile}')")
+        if d.precision not in PRECISIONS:
+            raise DsdmError(f"distill.precision must be one of {', '.join(PRECISIONS)} (got '{d.precision}')")
+        if d.cache_dtype not in CACHE_DTYPES:
+            raise DsdmError(f"distill.cache_dtype must be one of {', '.join(CACHE_DTYPES)} (got '{d.cache_dtype}')")
+        if d.cache_max_mb < 0:
+            raise DsdmError(f"distill.cache_max_mb must be >= 0 (0 = no cap), got {d.cache_max_mb}")
         self.generator = torch.Generator().manual_seed(d.seed)
         self.grid = tile_grid(d.factor, dataset.kind)
         images, self.labels = init_synthetic(dataset, d.ipc, self.grid, self.generator)
@@ -111,10 +269,13 @@ class Distiller:
         self.ops = ops_for(dataset.name, MATCH_OPS)
         pool_gen = torch.Generator().manual_seed(d.seed + 7919)
         self.aug_pool = [sample_aug_params(self.ops, 1, pool_gen, device=self.device) for _ in range(d.aug_pool)]
-        self.cache = RealFeatureCache(dataset, d.batch_real, d.seed, self.device)
+        self.cache = RealFeatureCache(dataset, d.batch_real, d.seed, self.device, CACHE_DTYPES[d.cache_dtype],
+                                      d.cache_max_mb * 2**20)
         self.class_slices = [slice(c * d.ipc, (c + 1) * d.ipc) for c in range(dataset.num_classes)]
         self.iteration = 0
         self._nets: dict[int, torch.nn.Module] = {}
+        self.compiled = d.fast and (d.compile == "on" or (d.compile == "auto" and d.iterations >= COMPILE_AUTO_MIN_ITERATIONS))
+        self._syn_embed = _maybe_compile(embed, self.compiled)
 
     # --- Algorithm 1 ------------------------------------------------------------------------
     def pick_network(self) -> tuple[int, torch.nn.Module]:
@@ -141,14 +302,27 @@ class Distiller:
                             "lower --lr-img or the lambdas (the last checkpoint is intact)")
         return terms
 
+    def _use_h(self) -> bool:
+        return self.cfg.distill.lambda2 > 0 and self.bank.active(self.iteration)
+
     def _class_loss(self, c: int, f_real, f_syn, real=None):
         d = self.cfg.distill
-        h = self.bank.get(c) if d.lambda2 > 0 and self.bank.active(self.iteration) else None
+        # L_h needs h_c: not before the bank's first update (warmup=0 starts without one)
+        h = self.bank.get(c) if self._use_h() and bool(self.bank.initialised[c]) else None
         return dsdm_class_loss(f_real, f_syn, h, d.lambda1, d.lambda2, real=real)
 
     def _syn_batch(self, c: int):
         x, _ = decode(self.images[self.class_slices[c]], self.labels[self.class_slices[c]], self.grid)
         return x  # (ipc * tiles, ch, H, W)
+
+    def reference_class_loss(self, net, c: int, params, pick: torch.Tensor):
+        """The straightforward loss of class c: real batch `pick` and the class's synthetic images
+        through the same draw `params`, features, dsdm_class_loss. Returns (loss, terms)."""
+        ds = self.dataset
+        with torch.no_grad():
+            f_real = embed(net, augment(ds.train_x[pick].to(self.device), ds.mean, ds.std, params))
+        f_syn = embed(net, augment(self._syn_batch(c), ds.mean, ds.std, params))
+        return self._class_loss(c, f_real, f_syn)
 
     def _step_reference(self, net) -> dict[str, float]:
         d, ds = self.cfg.distill, self.dataset
@@ -157,10 +331,7 @@ class Distiller:
         for c, idx in enumerate(ds.class_indices()):
             params = sample_aug_params(self.ops, 1, self.generator, device=self.device)  # Siamese draw
             pick = idx[torch.randperm(len(idx), generator=self.generator)[: d.batch_real]]
-            with torch.no_grad():
-                f_real = net.embed(augment(ds.train_x[pick].to(self.device), ds.mean, ds.std, params))
-            f_syn = net.embed(augment(self._syn_batch(c), ds.mean, ds.std, params))
-            loss, terms = self._class_loss(c, f_real, f_syn)
+            loss, terms = self.reference_class_loss(net, c, params, pick)
             if d.per_class_step:  # reference DSDM: one step per class
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -176,32 +347,39 @@ class Distiller:
             with torch.no_grad():
                 for c in range(ds.num_classes):
                     params = sample_aug_params(self.ops, 1, self.generator, device=self.device)
-                    self.bank.update(c, net.embed(augment(self._syn_batch(c), ds.mean, ds.std, params)).mean(0))
+                    self.bank.update(c, embed(net, augment(self._syn_batch(c), ds.mean, ds.std, params)).mean(0))
         return totals
 
-    def _step_fast(self, m: int, net) -> dict[str, float]:
-        ds = self.dataset
-        k = int(torch.randint(len(self.aug_pool), (), generator=self.generator))
+    def _autocast(self):
+        if self.cfg.distill.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def fast_class_losses(self, m: int, net, k: int):
+        """All classes' losses under zoo model m and pooled draw k, the real side from the cache.
+        Returns (per-class losses (C,), per-class terms, synthetic features (C, ipc*tiles, d))."""
+        d, ds = self.cfg.distill, self.dataset
         params = self.aug_pool[k]
         real = self.cache.get(m, k, net, params)
         x, _ = decode(self.images, self.labels, self.grid)  # all classes, one forward
-        f_syn = net.embed(augment(x, ds.mean, ds.std, params))  # (C*ipc*tiles, d)
-        per_class = f_syn.shape[0] // ds.num_classes
-        totals: dict[str, float] = {}
-        loss = 0.0
-        for c in range(ds.num_classes):
-            f_c = f_syn[c * per_class:(c + 1) * per_class]
-            mean_real, xc, norm_sq = real[c]
-            loss_c, terms = self._class_loss(c, mean_real[None], f_c, real=(xc, norm_sq))
-            loss = loss + loss_c
-            _accumulate(totals, terms)
+        with self._autocast():
+            f_syn = self._syn_embed(net, augment(x, ds.mean, ds.std, params))  # (C*ipc*tiles, d)
+        f_syn = f_syn.float().view(ds.num_classes, -1, f_syn.shape[-1])  # (C, ipc*tiles, d), class-major
+        h = self.bank.h if self._use_h() and bool(self.bank.initialised.all()) else None
+        loss, terms = batched_class_losses(f_syn, real, h, d.lambda1, d.lambda2)
+        return loss, terms, f_syn
+
+    def _step_fast(self, m: int, net) -> dict[str, float]:
+        d = self.cfg.distill
+        k = int(torch.randint(len(self.aug_pool), (), generator=self.generator))
+        loss, terms, f_syn = self.fast_class_losses(m, net, k)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.sum().backward()  # one joint step: class c's loss depends on class c's pixels only
         self.optimizer.step()
-        if self.cfg.distill.lambda2 > 0:  # reuse this forward's prototypes (one step behind)
-            protos = f_syn.detach().view(ds.num_classes, per_class, -1).mean(1)
-            self.bank.update_all(protos)
-        return totals
+        if d.lambda2 > 0:  # reuse this forward's prototypes (same draw, one step behind)
+            self.bank.update_all(f_syn.detach().mean(1))
+        sums = torch.stack([terms[key].sum() for key in TERMS]).tolist()  # one host sync
+        return dict(zip(TERMS, sums))
 
     # --- outputs, checkpoints ----------------------------------------------------------------
     def synthetic_set(self) -> SyntheticSet:
@@ -255,4 +433,3 @@ def _accumulate(totals: dict, terms: dict) -> None:
     """Sum loss terms (over classes within a step, over steps within a log window)."""
     for key, value in terms.items():
         totals[key] = totals.get(key, 0.0) + float(value)
-

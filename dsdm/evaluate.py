@@ -16,6 +16,7 @@ import torch
 from dsdm.augment import EVAL_OPS, ops_for
 from dsdm.config import EvalConfig
 from dsdm.data import Dataset
+from dsdm.errors import DsdmError
 from dsdm.synthetic import SyntheticSet
 from dsdm.train import TrainRecipe, accuracy, build_model, train_classifier
 
@@ -49,8 +50,6 @@ PROTOCOLS: dict[str, EvalProtocol] = {
 
 
 def get_protocol(name: str) -> EvalProtocol:
-    from dsdm.errors import DsdmError
-
     if name not in PROTOCOLS:
         raise DsdmError(f"unknown evaluation protocol '{name}'; choose one of: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]

@@ -28,7 +28,7 @@ def _private_zoo_cache(cache_root, monkeypatch):
     monkeypatch.setenv("DSDM_CACHE", str(cache_root))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED} (set DSDM_SHARED_DATA)")
@@ -52,10 +52,10 @@ def tiny_zoo(digits):
 
 
 @pytest.fixture(scope="session")
-def mnist():
+def mnist(shared_data):
     """Real MNIST from the shared folder (loading only: 28x28 is ~15x slower than digits)."""
-    if not (SHARED / "MNIST").is_dir():
-        pytest.skip(f"shared MNIST not found under {SHARED} (set DSDM_SHARED_DATA)")
+    if not (shared_data / "MNIST").is_dir():
+        pytest.skip(f"shared MNIST not found under {shared_data} (set DSDM_SHARED_DATA)")
     from dsdm.data import load_dataset
 
-    return load_dataset("mnist", SHARED, offline=True)
+    return load_dataset("mnist", shared_data, offline=True)

@@ -2,14 +2,22 @@
 Ray Tune + Optuna, every trial and the cross-architecture evaluations recorded in MLflow.
 
 This is the one module that assembles Ray objects; the method lives in `dsdm/`.
+
+Bad input is refused before Ray starts (one line on stderr naming the fix, exit code 2,
+nothing written); SIGINT and SIGTERM stop the search after Tune saved its state (exit
+130/143), and `--resume` finishes it. docs/reliability.md lists what was tried.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
+import socket
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="paper", choices=list(BUDGETS))
     p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start Ray here")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
-    p.add_argument("--storage", type=Path, default=Path("runs"), help="Tune results, zoo cache, MLflow sqlite")
+    p.add_argument("--storage", default=os.environ.get("DSDM_STORAGE", "runs"),
+                   help="Tune results (a folder, or s3://... / gs://... on a multi-node cluster); default $DSDM_STORAGE or runs")
+    p.add_argument("--local-dir", type=Path, default=Path("runs"),
+                   help="zoo cache, trial tables and the default MLflow sqlite when --storage is a URI")
     p.add_argument("--name", help="experiment folder under --storage (default DATASET-ipcN-BUDGET)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
-    p.add_argument("--mlflow-uri", help="tracking server URL (default: sqlite file under --storage)")
+    p.add_argument("--mlflow-uri", default=os.environ.get("DSDM_MLFLOW_URI"),
+                   help="tracking server URL (default $DSDM_MLFLOW_URI, else a sqlite file under --storage)")
     p.add_argument("--trial-cpus", type=float, default=1)
     p.add_argument("--trial-gpus", type=float, default=0)
     p.add_argument("--zoo-cpus", type=float, default=1, help="CPUs per pre-training actor")
@@ -85,22 +97,143 @@ def check_storage(storage: Path) -> Path:
     return storage
 
 
+def check_fixed(budget: str, fixed: dict[str, str], sets: list[str]) -> None:
+    """`--fix M=` / `--fix E=` must be served by the zoo the budget pre-trains (or the zoo `--set` asks for)."""
+    from tune.space import BUDGET_GRIDS
+
+    grid_m, grid_e = BUDGET_GRIDS[budget]
+    zoo_sets = dict(pair.partition("=")[::2] for pair in sets if "=" in pair)
+    zoo_sets = {k.strip(): v.strip() for k, v in zoo_sets.items()}
+
+    def as_int(key: str, flag: str) -> int:
+        try:
+            return int(fixed[key])
+        except ValueError:
+            raise DsdmError(f"--fix {flag}={fixed[key]} is not an integer; pass a whole number") from None
+
+    if "distill.num_models" in fixed:
+        m = as_int("distill.num_models", "M")
+        limit = int(zoo_sets["zoo.num_models"]) if "zoo.num_models" in zoo_sets else max(grid_m)
+        if m < 1:
+            raise DsdmError(f"--fix M={m}: M must be >= 1; pick M from {list(grid_m)}")
+        if m > limit:
+            raise DsdmError(f"--fix M={m} is larger than the zoo of the {budget} budget ({limit} models); "
+                            f"pick M from {[v for v in grid_m if v <= limit]} or add --set zoo.num_models={m}")
+    if "distill.pretrain_epochs" in fixed:
+        e = as_int("distill.pretrain_epochs", "E")
+        if "zoo.snapshots" in zoo_sets:
+            grid = sorted({int(v) for v in zoo_sets["zoo.snapshots"].split(",") if v.strip()})
+        else:
+            grid = list(grid_e)
+        if e not in grid:
+            raise DsdmError(f"--fix E={e} is not a snapshot epoch of the {budget} budget's zoo {grid}; "
+                            f"pick E from {grid} or add --set zoo.snapshots={','.join(map(str, sorted(set(grid) | {e})))}")
+
+
+def check_data_root(dataset: str, data_root: str | None, offline: bool) -> None:
+    """An explicit --data-root must be a folder; missing, it is an error unless a download may create it."""
+    if not data_root:
+        return
+    root = Path(data_root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DsdmError(f"--data-root '{root}' is a file, not a folder; pass the folder that holds the dataset files")
+    never_downloads = dataset.lower() in ("speechcommands",)
+    if not root.exists() and (offline or never_downloads):
+        fix = "drop --offline to download it there" if not never_downloads else "point it at mini_speech_commands/"
+        raise DsdmError(f"--data-root '{root}' does not exist; pass the folder that holds the {dataset} files, or {fix}")
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """HOST:PORT of a cluster must answer before Ray is asked to join it (ray.init would wait a minute)."""
+    if not address or address == "auto":
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise DsdmError(f"--address '{address}' is not HOST:PORT (or 'auto'); pass the head node's GCS address, "
+                        "e.g. 10.0.0.1:6379, as `ray status` prints it")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DsdmError(f"cannot reach the Ray cluster at '{address}' ({reason}); start it with `ray start --head` "
+                        "or `ray up cluster.yaml`, or drop --address to run locally") from None
+
+
+def check_ipc_fits(dataset, cfg: Config) -> None:
+    """IPC (times the tiles each stored image starts from) must fit in the smallest class."""
+    from dsdm.coreset import check_ipc
+    from dsdm.synthetic import tile_grid
+
+    rows, cols = tile_grid(cfg.distill.factor, dataset.kind)
+    check_ipc(dataset, cfg.distill.ipc, per_image=rows * cols if cfg.distill.method in ("dsdm", "dm") else 1)
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM during `Tuner.fit` ask Tune to stop after saving its state (Tune's own
+    path, reached through SIGUSR1); elsewhere, or on a second signal, they raise KeyboardInterrupt."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.in_fit = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        first = self.signal is None
+        self.signal = self.signal or signal.Signals(signum).name
+        if first and self.in_fit and callable(signal.getsignal(signal.SIGUSR1)):
+            # os.write, not print: a handler must not re-enter a buffered stream the main code is writing
+            os.write(2, f"tune.search: {self.signal} received; stopping after Tune saves the experiment state "
+                        "(send it again to stop at once)\n".encode())
+            signal.raise_signal(signal.SIGUSR1)
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def fit(self):
+        previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards both signals
+        self.in_fit = True
+        try:
+            yield
+        finally:
+            self.in_fit = False
+            if previous is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
+            if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # Tune leaves its handler behind
+
+
+STOP = GracefulStop()
+
+
 def start_ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
-    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0"}}
+    from tune.zoo import fault_env
+
+    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0", **fault_env()}}
     try:
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+            # "local": a private instance, never a cluster someone else started on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                     log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise DsdmError(f"cannot reach the Ray cluster at '{address}' ({first}); start it with `ray start --head` "
                         "or `ray up cluster.yaml`, or drop --address to run locally") from None
 
 
-def make_tuner(args, cfg: Config, space: dict, path: Path, trainable, resume: bool):
+def make_tuner(args, cfg: Config, space: dict, tune_path: str, trainable, resume: bool):
+    """A new Tuner at `tune_path` (a folder or a storage URI), or the one saved there."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -108,7 +241,7 @@ def make_tuner(args, cfg: Config, space: dict, path: Path, trainable, resume: bo
     import optuna
 
     if resume:
-        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        return tune.Tuner.restore(tune_path, trainable, resume_errored=True)
     import ray
 
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(args.trial_cpus, 0.01)))
@@ -127,7 +260,8 @@ def make_tuner(args, cfg: Config, space: dict, path: Path, trainable, resume: bo
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", search_alg=searcher, scheduler=scheduler,
                                     num_samples=args.num_samples),
         run_config=tune.RunConfig(
-            name=path.name, storage_path=str(path.parent), verbose=1,
+            name=tune_path.rstrip("/").rsplit("/", 1)[1], storage_path=tune_path.rstrip("/").rsplit("/", 1)[0],
+            verbose=1,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -145,6 +279,7 @@ def trial_table(results, space_keys: list[str]):
         row.update({"val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"), "test_std": m.get("test_std"),
                     "iteration": m.get("iteration"), "seconds": m.get("time_total_s"),
                     "resumed_from": m.get("resumed_from"), "zoo_pretrain_calls": m.get("zoo_pretrain_calls"),
+                    "node": (m.get("node") or "")[:12],
                     "status": "ERROR" if r.error else ("DONE" if "test_acc" in m else "STOPPED"),
                     "set_path": str(Path(r.checkpoint.path) / "distilled.pt") if (r.checkpoint and "test_acc" in m) else ""})
         rows.append(row)
@@ -188,53 +323,94 @@ def write_tables(table, path: Path) -> tuple[Path, Path]:
     return md, pq
 
 
+def record_placement(path: Path, data_ref, zoo_info: dict) -> dict:
+    """Where things ran: the cluster's nodes, the nodes holding the dataset object, zoo actors."""
+    import ray
+    from ray.experimental import get_object_locations
+
+    try:
+        where = get_object_locations([data_ref], timeout_ms=5000).get(data_ref, {})
+    except Exception:  # a lookup failure must not fail the search
+        where = {}
+    placement = {"nodes": [{"node_id": n["NodeID"], "alive": n["Alive"],
+                            "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}}
+                           for n in ray.nodes()],
+                 "dataset_object": {"node_ids": where.get("node_ids", []), "bytes": where.get("object_size")},
+                 "zoo_nodes": sorted({m["node"] for m in zoo_info.get("models", [])})}
+    (path.parent / f"{path.name}.cluster.json").write_text(json.dumps(placement, indent=1))
+    return placement
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    STOP.install()
     try:
         run_search(args)
     except DsdmError as exc:
         print(f"tune.search: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tune.search: interrupted; rerun with --resume to finish the remaining trials", file=sys.stderr)
-        return 130
+        name = STOP.signal or "SIGINT"
+        print(f"tune.search: interrupted ({name}); finished trials are saved, rerun the same command with "
+              "--resume to finish the others", file=sys.stderr)
+        return 128 + signal.Signals[name].value
     return 0
 
 
 def run_search(args: argparse.Namespace) -> dict:
-    import ray
     from ray import tune
 
-    from dsdm.data import load_dataset
     from tune import tracking
     from tune.space import parse_fixed, search_space
-    from tune.trainable import run_trial
-    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
 
     t0 = time.time()
+    # every check that needs no Ray, no MLflow and no dataset first: bad input costs ~1 s and writes nothing
+    if args.num_samples < 1:
+        raise DsdmError(f"--num-samples must be >= 1 (got {args.num_samples})")
     fixed = parse_fixed(args.fix)
+    check_fixed(args.budget, fixed, args.set)
     space = search_space(args.budget, fixed)
     cfg = base_config(args, space, fixed)
-    storage = check_storage(args.storage)
-    path = storage / (args.name or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}-{args.budget}")
-    if path.exists() and not args.resume:
+    check_data_root(cfg.data.dataset, args.data_root, cfg.data.offline)
+    remote = "://" in str(args.storage)  # multi-node Tune needs shared storage (s3://, gs://, ...)
+    storage = check_storage(Path(args.local_dir) if remote else Path(args.storage))
+    name = args.name or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}-{args.budget}"
+    path = storage / name  # local: tables, zoo record; also Tune's folder unless remote
+    tune_path = f"{str(args.storage).rstrip('/')}/{name}" if remote else str(path)
+    if not remote and path.exists() and not args.resume:
         raise DsdmError(f"'{path}' already holds a search; pass --resume to continue it or --name NEW for a new one")
-    if args.resume and not tune.Tuner.can_restore(str(path)):
-        raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
-    dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
-
+    if args.resume and not tune.Tuner.can_restore(tune_path):
+        raise DsdmError(f"nothing to resume at '{tune_path}'; run without --resume first")
     uri = args.mlflow_uri or tracking.default_uri(storage)
     tracking.quiet_mlflow()
     tracking.check_reachable(uri)
+    check_ray_address(args.address)
+    from dsdm.data import load_dataset  # torch: the first expensive import
+
+    dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
+    check_ipc_fits(dataset, cfg)
+    return _run_checked(args, cfg, space, storage, path, tune_path, dataset, uri, t0)
+
+
+def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune_path: str, dataset, uri: str,
+                 t0: float) -> dict:
+    import ray
+    from ray import tune
+
+    from tune import tracking
+    from tune.trainable import run_trial
+    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
+
     experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
                                                storage / "mlartifacts")
-    search_id = str(path)
+    search_id = tune_path
     parent = tracking.find_or_create_run(uri, experiment_id, {tracking.SEARCH_TAG: search_id},
                                          tracking.SEARCH_TAG, name=f"search-{path.name}")
     tracking.log_params(uri, parent, {**cfg.plain(), "search.num_samples": args.num_samples,
                                       "search.scheduler": args.scheduler, "search.space": json.dumps(sorted(space))})
 
     start_ray(args.address, args.num_cpus)
+    STOP.install()  # ray.init replaced the SIGTERM handler
     try:
         data_ref = put_dataset(dataset)
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -250,8 +426,14 @@ def run_search(args: argparse.Namespace) -> dict:
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=cfg.plain(), data=[data_ref], zoo=zoo_refs, options=options),
             {"cpu": args.trial_cpus, "gpu": args.trial_gpus})
-        tuner = make_tuner(args, cfg, space, path, trainable, args.resume)
-        results = tuner.fit()
+        if tune_path != str(path):  # remote Tune storage: tables still go to the local folder
+            path.mkdir(parents=True, exist_ok=True)
+        tuner = make_tuner(args, cfg, space, tune_path, trainable, args.resume)
+        with STOP.fit():
+            results = tuner.fit()
+        record_placement(path, data_ref, zoo_info)
+        if STOP.signal is not None:
+            raise KeyboardInterrupt  # Tune saved its state; finished trials stay finished
 
         table = trial_table(results, sorted(space))
         if args.cross_arch != "none":

@@ -38,10 +38,14 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
+    import urllib.parse
     import urllib.request
 
+    host = urllib.parse.urlsplit(uri).hostname or ""
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else urllib.request.build_opener()
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
+        opener.open(uri.rstrip("/") + "/health", timeout=timeout_s)  # a local server is never behind a proxy
     except (urllib.error.URLError, OSError) as exc:
         raise DsdmError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); "
                         "start it (`mlflow server ...`) or drop --mlflow-uri to use the sqlite file") from None

@@ -2,7 +2,8 @@
 
 A plain function of (config, large objects passed once through `tune.with_parameters`).
 The distiller's full state is checkpointed through Tune every `checkpoint_every`
-iterations, so a retried trial continues from its last iteration, not from 0.
+iterations, so a retried trial continues from its last iteration, not from 0; every report
+carries `resumed_from` (the iteration this attempt started at) and `node` (where it ran).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dsdm.synthetic import SyntheticSet
 from dsdm.train import resolve_device
 from dsdm.visualize import save_grid
 from tune import tracking
-from tune.zoo import ZooRefs, dataset_from_store
+from tune.zoo import ZooRefs, dataset_from_store, fault_point
 
 CHECKPOINT_FILE = "distill.ckpt"
 SET_FILE = "distilled.pt"
@@ -98,6 +99,7 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
         with checkpoint.as_directory() as folder:
             distiller.load_checkpoint(Path(folder) / CHECKPOINT_FILE)
     resumed_from = distiller.iteration
+    node = ray.get_runtime_context().get_node_id()
 
     start, window, steps = time.time(), {}, 0
     proxy_every = int(options.get("proxy_every", 0))
@@ -107,15 +109,16 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
             window[key] = window.get(key, 0.0) + value
         steps += 1
         it = distiller.iteration
+        fault_point("trial_exit_at", it, trial=tune.get_context().get_trial_id(), resumed_from=resumed_from)
         if it % d.log_every and it % d.checkpoint_every and it != d.iterations:
             continue
         metrics = {f"loss/{k}": v / steps for k, v in window.items()}
-        metrics.update(iteration=it, seconds=time.time() - start, resumed_from=resumed_from)
+        metrics.update(iteration=it, seconds=time.time() - start, resumed_from=resumed_from, node=node)
         window, steps = {}, 0
         if proxy_every and (it % proxy_every == 0):
             last_proxy = proxy_accuracy(distiller, cfg, int(options.get("proxy_epochs", 5)), device)
             metrics["proxy_val_acc"] = last_proxy
-        tracking.log_metrics(uri, run_id, metrics, step=it)
+        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "node"}, step=it)
         # Optuna wants the objective in every report: the latest proxy, NaN before any exists
         metrics[METRIC] = last_proxy
         if it % d.checkpoint_every == 0 or it == d.iterations:

@@ -5,11 +5,20 @@ readers on the same node), a pool of actors runs `dsdm.zoo.pretrain_one` for the
 models in parallel, and each snapshot is put in the object store once. Trials receive
 the grid of ObjectRefs and fetch only the snapshots they use. The actors are killed
 before Tune starts: trials would otherwise wait forever for the CPUs they hold.
+
+Faults: an actor that dies mid-training is restarted by Ray (max_restarts) and its task
+retried (max_task_retries); if it is still lost, the pool re-submits that model to a fresh
+actor. Results are keyed by model index, so every model lands in the zoo exactly once. A
+persisted zoo whose manifest checksums no longer match is moved aside and trained again.
+`fault_point` is the switch the fault-injection tests flip (docs/reliability.md).
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -17,13 +26,42 @@ from typing import Callable
 import numpy as np
 import ray
 import torch
-from ray.util import ActorPool
 
 from dsdm.config import ZooConfig
 from dsdm.data import Dataset
+from dsdm.errors import DsdmError
 from dsdm.zoo import ModelZoo, pretrain_one, zoo_arch, zoo_key
 
 TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+MAX_SUBMITS = 3  # times the pool hands one model to an actor before giving up
+
+
+# --- fault injection (tests only; inert unless DSDM_FAULT_* is set) ---------------------------
+FAULT_ENV_PREFIX = "DSDM_FAULT_"
+
+
+def fault_env() -> dict[str, str]:
+    """The DSDM_FAULT_* variables of this process (the driver forwards them to Ray workers)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
+
+
+def fault_point(name: str, value: int, **context) -> None:
+    """Kill this process (os._exit, no cleanup, like an OOM kill) when DSDM_FAULT_<NAME> == value.
+
+    Fires once per search: the first process to get here creates DSDM_FAULT_DIR/<name>.fired
+    (O_EXCL) with `context` in it; later processes, including the restarted one, go on.
+    """
+    target = os.environ.get(FAULT_ENV_PREFIX + name.upper())
+    folder = os.environ.get(FAULT_ENV_PREFIX + "DIR")
+    if target is None or folder is None or int(target) != int(value):
+        return
+    try:
+        fd = os.open(Path(folder) / f"{name}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({"fault": name, "value": value, "pid": os.getpid(), "time": time.time(), **context}))
+    os._exit(1)
 
 
 # --- dataset through the object store --------------------------------------------------------
@@ -59,12 +97,15 @@ class PretrainWorker:
         torch.set_num_threads(max(1, threads))
         context = ray.get_runtime_context()
         self.node, self.actor = context.get_node_id(), context.get_actor_id()
+        self.restarted = bool(context.was_current_actor_reconstructed)
 
     def train(self, data_payload: dict, cfg: dict, index: int, device: str) -> dict:
+        fault_point("zoo_kill_index", index, actor=self.actor, node=self.node)
         dataset = dataset_from_store(data_payload)
         start = time.time()
         result = pretrain_one(dataset, ZooConfig(**{**cfg, "snapshots": tuple(cfg["snapshots"])}), index, device)
-        return {"index": index, "node": self.node, "actor": self.actor, "seconds": time.time() - start,
+        return {"index": index, "node": self.node, "actor": self.actor, "pid": os.getpid(),
+                "restarted": self.restarted, "seconds": time.time() - start,
                 "snapshots": {e: state_to_numpy(sd) for e, sd in result["snapshots"].items()},
                 "test_acc": result["test_acc"]}
 
@@ -92,28 +133,70 @@ class ZooRefs:
 def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: int, cpus_per_actor: float,
                       gpus_per_actor: float = 0.0, resources: dict | None = None,
                       progress: Callable[[str], None] = print) -> tuple[ModelZoo, list[dict]]:
-    """Train M models on `num_actors` actors; return the zoo and per-model (node, seconds)."""
+    """Train M models on `num_actors` actors; return the zoo and per-model (node, actor, seconds).
+
+    Each model index is handed to one idle actor; a lost actor (its death outlived Ray's own
+    restart + task retry) is replaced and the model re-submitted, at most MAX_SUBMITS times.
+    """
+    from ray.exceptions import RayActorError, RayTaskError
+
     device = "cuda" if gpus_per_actor > 0 else "cpu"
     worker = PretrainWorker.options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, resources=resources or {},
                                     max_restarts=2, max_task_retries=2)
-    actors = [worker.remote(max(1, int(cpus_per_actor))) for _ in range(num_actors)]
+
+    def new_actor():
+        return worker.remote(max(1, int(cpus_per_actor)))
+
+    actors = [new_actor() for _ in range(max(1, min(num_actors, cfg.num_models)))]
     cfg_dict = {**asdict(cfg), "snapshots": list(cfg.snapshots)}
     zoo = ModelZoo(zoo_arch(cfg, dataset), dataset.name, dataset.channels, dataset.num_classes,
                    dataset.image_size, cfg_dict)
-    done: list[dict] = []
+    done: dict[int, dict] = {}
+    submits = {i: 0 for i in range(cfg.num_models)}
+    resubmitted: list[int] = []
+    todo, idle, running = deque(range(cfg.num_models)), list(actors), {}
     try:
-        pool = ActorPool(actors)
-        jobs = pool.map_unordered(lambda a, i: a.train.remote(data_ref, cfg_dict, i, device), range(cfg.num_models))
-        for result in jobs:
-            done.append(result)
-            progress(f"zoo model {result['index'] + 1}/{cfg.num_models} done on node {result['node'][:8]} "
-                     f"in {result['seconds']:.1f}s ({len(done)}/{cfg.num_models})")
+        while todo or running:
+            while todo and idle:
+                actor, index = idle.pop(), todo.popleft()
+                submits[index] += 1
+                running[actor.train.remote(data_ref, cfg_dict, index, device)] = (actor, index)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, index = running.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayTaskError as exc:  # an exception inside pretrain_one: retrying would repeat it
+                if isinstance(getattr(exc, "cause", None), DsdmError):
+                    raise DsdmError(str(exc.cause)) from None
+                raise
+            except RayActorError as exc:
+                if submits[index] >= MAX_SUBMITS:
+                    raise DsdmError(f"zoo model {index} was lost {submits[index]} times ({type(exc).__name__}); "
+                                    "check the workers' memory and logs, then rerun (finished work is kept)") from None
+                progress(f"zoo model {index + 1}/{cfg.num_models}: actor lost ({type(exc).__name__}); "
+                         "re-submitting it to a fresh actor")
+                ray.kill(actor, no_restart=True)
+                actors.append(new_actor())
+                idle.append(actors[-1])
+                todo.appendleft(index)
+                resubmitted.append(index)
+                continue
+            idle.append(actor)
+            if index in done:  # never twice, whatever a retry did
+                continue
+            done[index] = result
+            progress(f"zoo model {index + 1}/{cfg.num_models} done on node {result['node'][:8]} "
+                     f"in {result['seconds']:.1f}s ({len(done)}/{cfg.num_models})"
+                     + (" by a restarted actor" if result.get("restarted") else ""))
     finally:
         release(actors)
-    for result in sorted(done, key=lambda r: r["index"]):  # model order = index, whatever finished first
+    for index in sorted(done):  # model order = index, whatever finished first
+        result = done[index]
         zoo.add({"snapshots": {e: state_from_numpy(s) for e, s in result["snapshots"].items()},
                  "test_acc": result["test_acc"]})
-    return zoo, [{k: r[k] for k in ("index", "node", "actor", "seconds")} for r in done]
+    keys = ("index", "node", "actor", "pid", "restarted", "seconds")
+    return zoo, [{**{k: done[i][k] for k in keys}, "submits": submits[i], "resubmitted": i in resubmitted}
+                 for i in sorted(done)]
 
 
 def release(actors: list, timeout_s: float = 30.0) -> None:
@@ -137,13 +220,25 @@ def load_or_train_zoo_on_pool(dataset: Dataset, data_ref, cfg: ZooConfig, storag
                               val_fraction: float, num_actors: int, cpus_per_actor: float,
                               gpus_per_actor: float = 0.0, resources: dict | None = None,
                               progress: Callable[[str], None] = print) -> tuple[ZooRefs, dict]:
-    """The zoo persisted under `storage/zoos/<key>`: reused when present, else trained and saved."""
+    """The zoo persisted under `storage/zoos/<key>`: reused when present, else trained and saved.
+
+    A zoo that fails its manifest's sha256 check is moved aside (kept, not deleted) to
+    `<key>.corrupt-<time>` and trained again; `info["recovered"]` says what happened.
+    """
     folder = Path(storage) / "zoos" / zoo_key(dataset, cfg, data_seed, val_fraction)
     info = {"folder": str(folder), "trained": False, "models": []}
+    zoo = None
     if (folder / "manifest.json").is_file():
-        zoo = ModelZoo.load(folder)
-        progress(f"zoo: reusing {folder}")
-    else:
+        try:
+            zoo = ModelZoo.load(folder)
+            progress(f"zoo: reusing {folder}")
+        except DsdmError as exc:
+            aside = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.replace(folder, aside)
+            info["recovered"] = {"error": str(exc), "moved_to": str(aside)}
+            progress(f"zoo: {folder} failed its integrity check ({str(exc).split(';')[0]}); "
+                     f"moved it to {aside} and pre-training the zoo again")
+    if zoo is None:
         start = time.time()
         zoo, info["models"] = train_zoo_on_pool(data_ref, dataset, cfg, num_actors, cpus_per_actor,
                                                 gpus_per_actor, resources, progress)

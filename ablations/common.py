@@ -1,0 +1,354 @@
+"""What every sweep shares: the CLI, one zoo, the cells x seeds as ONE Tune grid run, MLflow.
+
+A sweep module is a list of `Cell`s (a label and dotted config overrides) plus the paper's
+numbers; `run_sweep` does the rest with `tune/`'s machinery (no second pipeline):
+  1. base config = budget + flags, its zoo widened to the budget's whole M x E grid (and
+     every cell's M and E), so ONE zoo per dataset x budget serves every sweep and
+     `tune.search`; trained once by the actor pool under `--storage/zoos/`, or reused;
+  2. the cells x seeds run as one Tune grid search over `run_cell` (which is
+     `tune.trainable.run_trial` with the cell's overrides), recorded in MLflow under the
+     experiment `dsdm-<dataset>-ipc<N>` and a parent run named after the sweep;
+  3. per cell: mean +- std of the ConvNet-3 test accuracy over seeds x evaluation runs,
+     the validation accuracy, the paper's value, written as md + parquet + a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from dsdm.config import BUDGETS, Config, make_config
+from dsdm.errors import DsdmError
+from tune.search import check_storage, start_ray, trial_table, write_tables  # sets Tune's env defaults
+from tune.space import BUDGET_GRIDS
+
+ACC = "convnet3"  # run_trial evaluates ConvNet-3; cross-arch sweeps add their own
+WALL_FILE = "ablation-wall.json"  # in the Tune run folder: wall time of earlier invocations
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a sweep: a row label, its config overrides, where it sits on the plot."""
+    label: str
+    overrides: dict[str, Any]
+    x: float | None = None  # numeric x for a line plot (None: bar)
+    group: str = ""  # one subplot per group (e.g. "λ1 at λ2 = 0.2")
+    xscale: str = "linear"
+
+    @property
+    def key(self) -> str:  # cells with the same overrides are run once
+        return json.dumps(self.overrides, sort_keys=True, default=str)
+
+
+@dataclass
+class SweepOutput:
+    table: Any  # pandas DataFrame, one row per cell
+    trials: Any  # one row per trial (tune.search.trial_table + runs)
+    results: Any  # Tune ResultGrid
+    cfg: Config
+    dataset: Any
+    zoo_info: dict
+    files: dict[str, Path] = field(default_factory=dict)
+    wall_s: float = 0.0
+    mlflow: dict = field(default_factory=dict)  # uri, experiment_id, parent, search_id
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def build_parser(prog: str, doc: str, dataset: str = "digits", ipc: str = "10") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0])
+    p.add_argument("--dataset", default=dataset)
+    p.add_argument("--ipc", default=ipc, help="images per class; several comma-separated (one table each)")
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS))
+    p.add_argument("--seeds", default="1", help="N (seeds 0..N-1) or a list '0,3,7'")
+    p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start Ray here")
+    p.add_argument("--storage", type=Path, default=Path("runs"), help="Tune runs, the shared zoo, MLflow sqlite")
+    p.add_argument("--results", type=Path, default=Path("results"), help="tables and plots go to RESULTS/<sweep>/")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished cells are kept")
+    p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
+    p.add_argument("--offline", action="store_true", help="never download datasets")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--trial-cpus", type=float, default=1)
+    p.add_argument("--trial-gpus", type=float, default=0)
+    p.add_argument("--zoo-cpus", type=float, default=1, help="CPUs per pre-training actor")
+    p.add_argument("--zoo-gpus", type=float, default=0, help="GPUs per pre-training actor (fractions allowed)")
+    p.add_argument("--mlflow-uri", help="tracking server URL (default: sqlite file under --storage)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, every cell")
+    return p
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise DsdmError(f"{what} expects integers separated by commas, got '{text}'") from None
+    if not values:
+        raise DsdmError(f"{what} is empty")
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    values = parse_ints(text, "--seeds")
+    return list(range(values[0])) if len(values) == 1 and "," not in str(text) else values
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise DsdmError(f"--set expects KEY=VALUE, got '{pair}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def budget_grid(budget: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(M grid, E grid) the budget's zoo affords (tune/space.py)."""
+    return BUDGET_GRIDS[budget]
+
+
+def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+        argv: list[str] | None = None) -> int:
+    """Parse, run, turn DsdmError into one line + exit code 2 (as every dsdm CLI does)."""
+    args = parser.parse_args(argv)
+    args.command = " ".join(["python -m", parser.prog.split()[-1], *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
+    try:
+        run(args)
+    except DsdmError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; rerun with --resume to finish the remaining cells", file=sys.stderr)
+        return 130
+    return 0
+
+
+@contextlib.contextmanager
+def ray_session(args: argparse.Namespace):
+    """Start Ray unless the caller (a test, a multi-IPC sweep) already did; stop only what we started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    start_ray(args.address, args.num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- configs ------------------------------------------------------------------------------------
+def common_overrides(args: argparse.Namespace, ipc: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"data.dataset": args.dataset, "distill.ipc": ipc}
+    if args.data_root:
+        out["data.root"] = str(Path(args.data_root).resolve())
+    if args.offline:
+        out["data.offline"] = True
+    return {**out, **parse_sets(args.set)}
+
+
+def sweep_configs(budget: str, common: dict, cells: list[Cell]) -> tuple[Config, dict[str, dict]]:
+    """Base config (zoo covering the budget grid and every cell) and each unique cell's diff from it."""
+    default = make_config(budget, common).distill
+    grid_m, grid_e = budget_grid(budget)
+    ms = [int(c.overrides.get("distill.num_models", default.num_models)) for c in cells]
+    es = [int(c.overrides.get("distill.pretrain_epochs", default.pretrain_epochs)) for c in cells]
+    zoo = {"zoo.num_models": max([*ms, *grid_m]), "zoo.snapshots": tuple(sorted({*es, *grid_e}))}
+    base = make_config(budget, {**common, **zoo})
+    flat = base.plain()
+    diffs = {}
+    for cell in cells:
+        full = make_config(budget, {**common, **zoo, **cell.overrides}).plain()  # method presets apply
+        diffs.setdefault(cell.key, {k: v for k, v in full.items() if v != flat[k]})
+    return base, diffs
+
+
+def cell_ids(cells: list[Cell]) -> dict[str, str]:
+    """{cell.key: readable id}; the first label of identical cells names them."""
+    ids: dict[str, str] = {}
+    for cell in cells:
+        if cell.key not in ids:
+            slug = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", cell.label).strip("_") or "cell"
+            while slug in ids.values():
+                slug += "_"
+            ids[cell.key] = slug
+    return ids
+
+
+def run_cell(config: dict[str, Any], *, cells: dict[str, dict], base: dict[str, Any], data: list, zoo,
+             options: dict[str, Any]) -> None:
+    """The sweep's trainable: run_trial with the cell's overrides and the seed."""
+    from tune.trainable import run_trial
+
+    seed = int(config["seed"])
+    run_trial({**cells[config["cell"]], "distill.seed": seed, "eval.seed": seed},
+              base=base, data=data, zoo=zoo, options=options)
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dict[str, float] | None = None,
+              paper_setting: str | None = None, ipc: int | None = None, proxy_every: int = 0,
+              notes: list[str] | None = None, stem: str | None = None,
+              paper_curve: dict[float, float] | None = None, proxy_epochs: int = 0) -> SweepOutput:
+    """Cells x seeds as one Tune run; one row per cell in RESULTS/<name>/<dataset>-ipc<N>.{md,parquet,png}."""
+    from ablations import report
+
+    t0 = time.time()
+    ipc = ipc if ipc is not None else parse_ints(args.ipc, "--ipc")[0]
+    seeds = parse_seeds(args.seeds)
+    cfg, diffs = sweep_configs(args.budget, common_overrides(args, ipc), cells)
+    ids = cell_ids(cells)
+    storage = check_storage(args.storage)
+    path = storage / f"{name}-{cfg.data.dataset}-ipc{ipc}-{args.budget}"
+    print(f"{name}: {len(ids)} cells x {len(seeds)} seeds on {cfg.data.dataset} IPC {ipc}, budget {args.budget}; "
+          f"cells: {', '.join(dict.fromkeys(c.label for c in cells))}; zoo M={cfg.zoo.num_models} "
+          f"E={list(cfg.zoo.snapshots)}", flush=True)
+    with ray_session(args):
+        proxy = (proxy_every, proxy_epochs or proxy_epochs_default(cfg))
+        run = _tune_cells(name, args, cfg, path, {ids[k]: d for k, d in diffs.items()}, seeds, proxy)
+        results, trials, dataset, zoo_info = run["results"], run["trials"], run["dataset"], run["zoo_info"]
+        wall = time.time() - t0 + run["earlier_wall_s"]
+        table = aggregate(cells, ids, trials, paper or {}, args.budget, wall)
+        meta = {"sweep": name, "dataset": cfg.data.dataset, "ipc": ipc, "budget": args.budget, "seeds": seeds,
+                "command": getattr(args, "command", ""), "wall_s": wall, "paper_setting": paper_setting,
+                "zoo": f"M={cfg.zoo.num_models} x E={list(cfg.zoo.snapshots)} ({'trained' if zoo_info['trained'] else 'reused'})",
+                "cfg": cfg, "notes": notes or [], "paper_curve": paper_curve}
+        files = report.write_sweep(table, Path(args.results) / name / (stem or f"{cfg.data.dataset}-ipc{ipc}"), meta)
+        _finish_parent(run["uri"], run["parent"], files, wall)
+    print(report.markdown(table, meta))
+    print(f"tables: {files['md']} {files['parquet']}\nplot: {files['png']}\nwall time: {wall:.1f}s", flush=True)
+    return SweepOutput(table, trials, results, cfg, dataset, zoo_info, files, wall,
+                       {k: run[k] for k in ("uri", "experiment_id", "parent", "search_id")})
+
+
+def proxy_epochs_default(cfg: Config) -> int:
+    return max(1, cfg.eval.epochs // 10 or 5)  # as tune.search passes to its trials
+
+
+def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seeds: list[int],
+                proxy: tuple[int, int]):
+    import ray
+    from ray import tune
+
+    from dsdm.data import load_dataset
+    from tune import tracking
+    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
+
+    if path.exists() and not args.resume:
+        raise DsdmError(f"'{path}' already holds this sweep; pass --resume to continue (or finish) it, "
+                        "or another --storage")
+    if args.resume and not tune.Tuner.can_restore(str(path)):
+        raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
+    started = time.time()
+    dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
+    storage = path.parent
+    uri = args.mlflow_uri or tracking.default_uri(storage)
+    tracking.quiet_mlflow()
+    tracking.check_reachable(uri)
+    experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
+                                               storage / "mlartifacts")
+    parent = tracking.find_or_create_run(uri, experiment_id, {tracking.SEARCH_TAG: str(path), "dsdm.sweep": name},
+                                         tracking.SEARCH_TAG, name=path.name)
+    tracking.log_params(uri, parent, {**cfg.plain(), "sweep.name": name, "sweep.seeds": json.dumps(seeds),
+                                      "sweep.cells": json.dumps(cells, default=str)[:6000]})
+
+    data_ref = put_dataset(dataset)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actors = max(1, min(cfg.zoo.num_models, int(cpus // max(args.zoo_cpus, 0.01))))
+    zoo_refs, zoo_info = load_or_train_zoo_on_pool(dataset, data_ref, cfg.zoo, storage, cfg.data.seed,
+                                                   cfg.data.val_fraction, actors, args.zoo_cpus, args.zoo_gpus)
+    (storage / f"{path.name}.zoo.json").write_text(json.dumps(zoo_info, indent=1))
+    options = {"mlflow_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "search_id": str(path),
+               "threads": args.trial_cpus, "gpus": args.trial_gpus, "proxy_every": proxy[0], "proxy_epochs": proxy[1]}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_cell, cells=cells, base=cfg.plain(), data=[data_ref], zoo=zoo_refs, options=options),
+        {"cpu": args.trial_cpus, "gpu": args.trial_gpus})
+    if args.resume:
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={"cell": tune.grid_search(list(cells)), "seed": tune.grid_search(seeds)},
+            # reuse_actors: a trial's process (torch, MLflow imported) serves the next cell
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
+            run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    results = tuner.fit()
+    earlier = _earlier_wall(path, args.resume)
+    (path / WALL_FILE).write_text(json.dumps({"wall_s": earlier + time.time() - started}))
+    trials = with_runs(trial_table(results, ["cell", "seed"]), results)
+    write_tables(trials, path)  # per-trial table next to the Tune run, as tune.search does
+    return {"results": results, "trials": trials, "dataset": dataset, "zoo_info": zoo_info,
+            "uri": uri, "parent": parent, "experiment_id": experiment_id, "search_id": str(path),
+            "earlier_wall_s": earlier}
+
+
+def _earlier_wall(path: Path, resume: bool) -> float:
+    """Wall time of the invocations a resumed sweep continues (their zoo, trials), so tables add it."""
+    try:
+        return float(json.loads((path / WALL_FILE).read_text())["wall_s"]) if resume else 0.0
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+def with_runs(trials, results):
+    """Add each trial's per-network test accuracies (acc_run<i>/convnet3) to the trial table."""
+    runs = {}
+    for r in results:
+        m = r.metrics or {}
+        runs[m.get("trial_id")] = [m[k] for k in sorted(m, key=_run_index) if k.startswith("acc_run") and k.endswith(f"/{ACC}")]
+    trials["test_runs"] = [runs.get(t, []) for t in trials["trial_id"]]
+    return trials
+
+
+def _run_index(key: str) -> int:
+    match = re.match(r"acc_run(\d+)/", key)
+    return int(match.group(1)) if match else -1
+
+
+def aggregate(cells: list[Cell], ids: dict[str, str], trials, paper: dict[str, float], budget: str, wall: float):
+    """One row per cell: test mean +- std over seeds x eval runs, val mean, paper, time."""
+    import pandas as pd
+
+    rows = []
+    for cell in cells:
+        done = trials[(trials["cell"] == ids[cell.key]) & (trials["status"] == "DONE")]
+        tests = [a for runs in done["test_runs"] for a in runs]
+        rows.append({"group": cell.group, "cell": cell.label, "x": cell.x, "xscale": cell.xscale,
+                     **summary(tests, "test"), **summary(list(done["val_acc"]), "val"),
+                     "paper": paper.get(cell.label), "trials": len(done),
+                     "failed": int((trials["cell"] == ids[cell.key]).sum() - len(done)),
+                     "trial_s": float(done["seconds"].sum()), "budget": budget, "wall_s": wall,
+                     "overrides": json.dumps(cell.overrides, default=str)})
+    return pd.DataFrame(rows)
+
+
+def summary(values: list[float], prefix: str) -> dict[str, float]:
+    import statistics
+
+    values = [float(v) for v in values if v is not None and v == v]
+    mean = statistics.fmean(values) if values else float("nan")
+    std = statistics.stdev(values) if len(values) > 1 else (0.0 if values else float("nan"))
+    return {f"{prefix}_mean": mean, f"{prefix}_std": std, f"{prefix}_n": len(values)}
+
+
+def _finish_parent(uri: str, parent: str, files: dict[str, Path], wall: float) -> None:
+    from tune import tracking
+
+    tracking.log_metrics(uri, parent, {"sweep_seconds": wall})
+    tracking.log_artifacts(uri, parent, list(files.values()))
+    tracking.finish(uri, parent)
+
+
+def for_each_ipc(args: argparse.Namespace, fn: Callable[[int], Any]) -> list:
+    """Run `fn(ipc)` per --ipc value inside one Ray session (and one zoo)."""
+    with ray_session(args):
+        return [fn(ipc) for ipc in parse_ints(args.ipc, "--ipc")]

@@ -1,0 +1,200 @@
+"""Sweep tables (markdown + parquet, written atomically) and plots in the style of the paper's figures."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dsdm.config import Config  # noqa: E402
+
+
+def budget_line(cfg: Config) -> str:
+    z, d, e = cfg.zoo, cfg.distill, cfg.eval
+    per_class = f"{z.max_per_class} img/class" if z.max_per_class else "the full training split"
+    return (f"budget `{cfg.budget}`: zoo {z.num_models} ConvNets x snapshots {list(z.snapshots)} epochs on {per_class}; "
+            f"{d.iterations} distillation iterations, {d.batch_real} real/class; "
+            f"evaluation {e.epochs or 'protocol'} epochs ({e.protocol} protocol), {e.runs} nets per seed")
+
+
+def fmt(mean: float, std: float) -> str:
+    return "–" if mean != mean else f"{mean:.2f} ± {std:.2f}"
+
+
+PAPER_NAMES = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "svhn": "SVHN", "cifar10": "CIFAR-10",
+               "cifar100": "CIFAR-100", "speechcommands": "Mini Speech Commands"}
+
+
+def comparable(meta: dict) -> bool:
+    """The paper's numbers are for this very dataset and IPC (else: another setting, shown for the trend)."""
+    setting = meta.get("paper_setting")
+    name = PAPER_NAMES.get(meta["dataset"], meta["dataset"])
+    return not setting or setting.startswith(f"{name} IPC {meta['ipc']}")
+
+
+def paper_column(meta: dict) -> str:
+    setting = meta.get("paper_setting")
+    return f"paper, {setting} (%)" if setting else "paper (%)"
+
+
+def display_table(table, meta: dict):
+    """The columns a reader wants: setting, ours, the paper's value next to it, val, n, time."""
+    import pandas as pd
+
+    out = pd.DataFrame()
+    if table["group"].nunique() > 1:
+        out["sweep"] = table["group"]
+    out["setting"] = table["cell"]
+    out["test acc (%)"] = [fmt(m, s) for m, s in zip(table["test_mean"], table["test_std"])]
+    if table["paper"].notna().any():
+        out[paper_column(meta)] = ["–" if p is None or p != p else f"{p:.1f}" for p in table["paper"]]
+    # val: each trial reports its nets' mean, so a spread exists only across seeds
+    out["val acc (%)"] = [fmt(m, s) if n > 1 else ("–" if m != m else f"{m:.2f}")
+                          for m, s, n in zip(table["val_mean"], table["val_std"], table["val_n"])]
+    out["nets (seeds x runs)"] = table["test_n"]
+    out["trial time (s)"] = [f"{t:.0f}" for t in table["trial_s"]]
+    if table["failed"].any():
+        out["failed trials"] = table["failed"]
+    return out
+
+
+def markdown(table, meta: dict) -> str:
+    lines = [f"**{meta['sweep']}** on {meta['dataset']}, IPC {meta['ipc']}; {budget_line(meta['cfg'])}; "
+             f"seeds {meta['seeds']}; zoo {meta['zoo']}; wall time {meta['wall_s']:.0f} s.",
+             "ConvNet-3 test accuracy, final epoch, mean ± std over seeds x evaluation nets; "
+             "val = the same nets on the held-out validation split (± over seeds).", *meta.get("notes", [])]
+    if meta.get("command"):
+        lines.append(f"Command: `{meta['command']}`")
+    return "\n".join(lines) + "\n\n" + display_table(table, meta).to_markdown(index=False) + "\n"
+
+
+def _atomic(path: Path, write) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_sweep(table, stem: Path, meta: dict) -> dict[str, Path]:
+    """stem.md, stem.parquet and stem.png, each replaced atomically."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    frame = table.assign(sweep=meta["sweep"], dataset=meta["dataset"], ipc=meta["ipc"],
+                         paper_setting=meta.get("paper_setting") or "", command=meta.get("command", ""))
+    md = _atomic(stem.with_suffix(".md"), lambda p: p.write_text(markdown(table, meta)))
+    pq = _atomic(stem.with_suffix(".parquet"), lambda p: frame.to_parquet(p, engine="pyarrow", index=False))
+    png = _atomic(stem.with_suffix(".png"), lambda p: plot_sweep(table, p, meta))
+    return {"md": md, "parquet": pq, "png": png}
+
+
+def plot_sweep(table, path: Path, meta: dict) -> Path:
+    """One panel per group: accuracy vs x (error bars over seeds x nets) like Figure 5, or bars."""
+    groups = list(dict.fromkeys(table["group"]))
+    curve = meta.get("paper_curve")  # the paper's whole curve gets a panel of its own
+    fig, axes = plt.subplots(1, len(groups) + bool(curve), figsize=(4.2 * (len(groups) + bool(curve)), 3.4),
+                             squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        rows = table[table["group"] == group]
+        _panel(ax, rows, meta, group)
+    if curve:
+        xs, ys = zip(*sorted(curve.items()))
+        ax = axes[0][-1]
+        ax.plot(xs, ys, "s--", color="tab:gray")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel(groups[0])
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"paper: {meta.get('paper_setting') or meta['dataset']}", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{meta['sweep']}: {meta['dataset']} IPC {meta['ipc']} (budget {meta['budget']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+def _panel(ax, rows, meta: dict, group: str) -> None:
+    numeric = rows["x"].notna().all()
+    xs = list(rows["x"]) if numeric else list(range(len(rows)))
+    if numeric:
+        ax.errorbar(xs, rows["test_mean"], yerr=rows["test_std"], marker="o", capsize=3, label="ours")
+        ax.set_xscale(rows["xscale"].iloc[0])
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel(group or "setting")
+    else:
+        ax.bar(xs, rows["test_mean"], yerr=rows["test_std"], capsize=3, color="tab:blue", alpha=0.8, label="ours")
+        ax.set_xticks(xs, list(rows["cell"]), rotation=20, ha="right", fontsize=8)
+        finite = [v for v in rows["test_mean"] if v == v]
+        if finite:
+            low = min(finite) - max(list(rows["test_std"].fillna(0))) - 2
+            ax.set_ylim(max(0.0, low), min(100.0, max(finite) + 3))
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    paper = [(x, p) for x, p in zip(xs, rows["paper"]) if p is not None and not math.isnan(p)]
+    if paper and not meta.get("paper_curve"):
+        target = ax if comparable(meta) else ax.twinx()
+        target.plot(*zip(*paper), "s--", color="tab:gray", label=paper_column(meta).replace(" (%)", ""))
+        if target is not ax:
+            target.set_ylabel(f"paper: {meta['paper_setting']} (%)", color="tab:gray")
+            target.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", fontsize=7)
+
+
+def pivot_display(long, row_name: str):
+    """Rows x IPC: 'IPC n' (ours, mean ± std) and 'paper IPC n' next to it where the paper has one."""
+    import pandas as pd
+
+    out = pd.DataFrame({row_name: list(dict.fromkeys(long["row"]))})
+    for ipc in dict.fromkeys(long["ipc"]):
+        part = long[long["ipc"] == ipc].set_index("row")
+        out[f"IPC {ipc} (%)"] = [fmt(part.at[r, "test_mean"], part.at[r, "test_std"]) for r in out[row_name]]
+        paper = [part.at[r, "paper"] for r in out[row_name]]
+        if any(p is not None and p == p for p in paper):
+            out[f"paper IPC {ipc}"] = ["–" if p is None or p != p else f"{p:.1f}" for p in paper]
+    return out
+
+
+def write_pivot(rows: list[dict], stem: Path, title: str, meta: dict[str, Any], row_name: str = "row") -> dict[str, Path]:
+    """Rows x IPC columns (methods, cross-arch, speech): md + long-format parquet + a grouped bar plot."""
+    import pandas as pd
+
+    long = pd.DataFrame(rows)
+    long["paper"] = pd.to_numeric(long["paper"], errors="coerce")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"**{title}**; {budget_line(meta['cfg'])}; seeds {meta['seeds']}; wall time {meta['wall_s']:.0f} s.",
+             "Mean ± std over seeds x evaluation nets, final epoch.", *meta.get("notes", [])]
+    if meta.get("command"):
+        lines.append(f"Command: `{meta['command']}`")
+    text = "\n".join(lines) + "\n\n" + pivot_display(long, row_name).to_markdown(index=False) + "\n"
+    frame = long.assign(budget=meta["cfg"].budget, wall_s=meta["wall_s"], command=meta.get("command", ""))
+    md = _atomic(stem.with_suffix(".md"), lambda p: p.write_text(text))
+    pq = _atomic(stem.with_suffix(".parquet"), lambda p: frame.to_parquet(p, engine="pyarrow", index=False))
+    png = _atomic(stem.with_suffix(".png"), lambda p: _pivot_plot(long, p, title))
+    return {"md": md, "parquet": pq, "png": png}
+
+
+def _pivot_plot(long, path: Path, title: str) -> Path:
+    """Grouped bars: one group per row, one bar per IPC; the paper's value as a black tick."""
+    names, ipcs = list(dict.fromkeys(long["row"])), list(dict.fromkeys(long["ipc"]))
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(names) * max(1, len(ipcs)) * 0.7, 3.6))
+    width = 0.8 / max(1, len(ipcs))
+    for j, ipc in enumerate(ipcs):
+        part = long[long["ipc"] == ipc].set_index("row").reindex(names)
+        xs = [i + (j - (len(ipcs) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, part["test_mean"], width, yerr=part["test_std"], capsize=2, label=f"IPC {ipc}")
+        paper = [(x, p) for x, p in zip(xs, part["paper"]) if p == p]
+        if paper:
+            ax.scatter(*zip(*paper), marker="_", s=300, linewidths=2, color="black", zorder=3,
+                       label="paper" if j == 0 else None)
+    ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    return path

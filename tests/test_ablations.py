@@ -1,0 +1,198 @@
+"""Every sweep of `ablations/` at --budget smoke on digits, in one process and one Ray session.
+
+Slow tests share a module-scoped Ray (2 CPUs), one storage folder (so the smoke zoo is
+trained once and reused by every sweep) and tiny overrides; each checks its table has every
+cell of its grid and that the plot exists. The fast tests check the grids and configs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ablations import common, components, cross_arch, figures, lambdas, methods, model_count, pretrain_epochs, speech
+from tests.conftest import SHARED
+
+TINY = ["--set", "distill.iterations=2", "--set", "eval.epochs=1", "--set", "eval.runs=1"]
+
+
+# --- fast: grids, configs, statistics ------------------------------------------------------------
+def test_grids_shrink_to_the_budget_zoo():
+    assert [c.x for c in pretrain_epochs.cells("paper")] == [1, 5, 10, 15, 20, 25, 30]
+    assert [c.x for c in pretrain_epochs.cells("cpu")] == [1, 2]
+    assert [c.x for c in model_count.cells("paper")] == [1, 5, 10, 20]
+    assert [c.x for c in model_count.cells("smoke")] == [1, 2]
+    assert all(c.overrides["distill.pretrain_epochs"] == 20 for c in model_count.cells("paper"))
+    assert all(c.overrides["distill.num_models"] == 10 for c in pretrain_epochs.cells("paper"))
+    assert len(lambdas.cells("cpu")) == 9 and len({c.key for c in lambdas.cells("cpu")}) == 8  # (50, 0.2) shared
+
+
+def test_zoo_covers_budget_grid_and_every_cell():
+    cfg, diffs = common.sweep_configs("paper", {"data.dataset": "digits"}, pretrain_epochs.cells("paper"))
+    assert cfg.zoo.num_models == 20 and cfg.zoo.snapshots == (1, 5, 10, 15, 20, 25, 30)
+    cfg, _ = common.sweep_configs("cpu", {"data.dataset": "digits"}, components.cells())
+    assert (cfg.zoo.num_models, cfg.zoo.snapshots) == (4, (1, 2))  # = tune.search's cpu zoo: shared
+
+
+def test_method_presets_reach_the_cells():
+    cfg, diffs = common.sweep_configs("cpu", {"data.dataset": "digits"}, methods.cells(["dm", "dsdm", "dsdm-nosd"]))
+    dm = diffs[methods.cells(["dm"])[0].key]
+    assert dm["distill.method"] == "dm" and dm["distill.pretrained"] is False and dm["distill.factor"] == 1
+    assert "distill.iterations" not in dm  # the budget's iterations win over DM's 20K
+    assert diffs[methods.cells(["dsdm"])[0].key] == {}
+    assert diffs[methods.cells(["dsdm-nosd"])[0].key] == {"distill.lambda1": 0.0}
+    with pytest.raises(common.DsdmError, match="unknown method"):
+        methods.cells(["bogus"])
+
+
+def test_summary_and_pooled_statistics():
+    s = common.summary([90.0, 92.0, None, float("nan")], "test")
+    assert s == {"test_mean": 91.0, "test_std": pytest.approx(math.sqrt(2)), "test_n": 2}
+    values = [80.0, 82.0, 90.0, 94.0, 95.0]
+    parts = [(81.0, math.sqrt(2), 2), (93.0, math.sqrt(7), 3)]
+    mean, std, n = cross_arch.pooled(parts)
+    ref = pd.Series(values)
+    assert (mean, n) == (pytest.approx(ref.mean()), 5) and std == pytest.approx(ref.std())
+
+
+def test_seeds_and_ipc_parsing():
+    assert common.parse_seeds("3") == [0, 1, 2]
+    assert common.parse_seeds("4,7") == [4, 7]
+    assert common.parse_ints("1,10", "--ipc") == [1, 10]
+    with pytest.raises(common.DsdmError, match="integers"):
+        common.parse_ints("ten", "--ipc")
+
+
+# --- slow: every sweep end to end ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    import ray
+
+    from tune.search import start_ray
+
+    start_ray(None, 2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, ray_two_cpus):
+    root = tmp_path_factory.mktemp("ablations")
+    return root / "runs", root / "results"
+
+
+def sweep(module, dirs, *extra: str) -> int:
+    storage, results = dirs
+    argv = ["--budget", "smoke", "--storage", str(storage), "--results", str(results), *TINY, *extra]
+    if "--dataset" not in extra:
+        argv += ["--dataset", "digits"]
+    return module.main(argv)
+
+
+def table(dirs, name: str, stem: str) -> pd.DataFrame:
+    folder = dirs[1] / name
+    assert (folder / f"{stem}.md").is_file() and (folder / f"{stem}.png").stat().st_size > 1000
+    return pd.read_parquet(folder / f"{stem}.parquet")
+
+
+def assert_every_cell(frame: pd.DataFrame, cells) -> None:
+    assert list(frame["cell"]) == [c.label for c in cells]
+    assert frame["test_mean"].between(0, 100).all(), frame
+    assert (frame["test_n"] >= 1).all() and (frame["failed"] == 0).all()
+
+
+
+@pytest.mark.slow
+def test_pretrain_epochs_smoke(dirs):
+    assert sweep(pretrain_epochs, dirs) == 0
+    frame = table(dirs, "pretrain_epochs", "digits-ipc10")
+    assert_every_cell(frame, pretrain_epochs.cells("smoke"))
+    assert frame["paper"].tolist() == [72.9]  # Figure 5's E=1, beside ours
+    md = (dirs[1] / "pretrain_epochs" / "digits-ipc10.md").read_text()
+    assert "budget `smoke`" in md and "paper, CIFAR-10 IPC 50" in md and "wall time" in md
+    assert "zoo M=2 x E=[1] (trained)" in md
+
+
+@pytest.mark.slow
+def test_model_count_smoke_reuses_the_zoo(dirs):
+    assert sweep(model_count, dirs) == 0
+    assert_every_cell(table(dirs, "model_count", "digits-ipc10"), model_count.cells("smoke"))
+    assert "(reused)" in (dirs[1] / "model_count" / "digits-ipc10.md").read_text()
+    info = json.loads((dirs[0] / "model_count-digits-ipc10-smoke.zoo.json").read_text())
+    assert info["trained"] is False
+
+
+@pytest.mark.slow
+def test_components_smoke(dirs):
+    assert sweep(components, dirs) == 0
+    frame = table(dirs, "components", "digits-ipc10")
+    assert_every_cell(frame, components.cells())
+    assert frame["paper"].tolist() == [60.6, 63.5, 66.2, 66.5]
+
+
+@pytest.mark.slow
+def test_lambdas_smoke(dirs):
+    assert sweep(lambdas, dirs) == 0
+    frame = table(dirs, "lambdas", "digits-ipc10")
+    assert_every_cell(frame, lambdas.cells("smoke"))
+    shared = frame[frame["overrides"] == json.dumps({"distill.lambda1": 50.0, "distill.lambda2": 0.2})]
+    assert len(shared) == 2 and shared["test_mean"].nunique() == 1  # one trial, shown in both panels
+
+
+@pytest.mark.slow
+def test_methods_smoke_two_ipcs_and_mlflow(dirs):
+    names = list(methods.METHODS)
+    assert sweep(methods, dirs, "--ipc", "1,2", "--methods", ",".join(names)) == 0
+    for ipc in (1, 2):
+        assert_every_cell(table(dirs, "methods", f"digits-ipc{ipc}"), methods.cells(names))
+    pivot = pd.read_parquet(dirs[1] / "methods" / "digits-ipc1-2.parquet")
+    assert sorted(zip(pivot["row"], pivot["ipc"])) == sorted((m, i) for m in names for i in (1, 2))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{dirs[0] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dsdm-digits-ipc1")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("dsdm.sweep") == "methods"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(trials) == len(names)
+    assert {r.data.params["distill.method"] for r in trials} == {"random", "herding", "kcenter", "dm", "dsdm"}
+
+
+@pytest.mark.slow
+def test_cross_arch_smoke(dirs):
+    assert sweep(cross_arch, dirs, "--ipc", "2") == 0
+    pivot = pd.read_parquet(dirs[1] / "cross_arch" / "digits-ipc2.parquet")
+    assert list(pivot["row"]) == ["convnet3", "resnet10", "densenet121"]
+    assert pivot["test_mean"].between(0, 100).all()
+
+
+@pytest.mark.slow
+def test_figures_smoke(dirs):
+    assert sweep(figures, dirs, "--ipc", "2") == 0
+    stem = dirs[1] / "figures" / "digits-ipc2"
+    for suffix in ("-tsne", "-curve", "-grid-dm", "-grid-dsdm"):
+        assert Path(f"{stem}{suffix}.png").stat().st_size > 1000, suffix
+
+
+@pytest.mark.slow
+def test_speech_smoke(dirs):
+    root = SHARED / "spoken_commands"
+    if not root.is_dir():
+        pytest.skip(f"spoken-commands stand-in not found at {root} (set DSDM_SHARED_DATA)")
+    assert sweep(speech, dirs, "--dataset", "speechcommands", "--data-root", str(root), "--ipc", "2",
+                 "--set", "zoo.max_per_class=10", "--set", "distill.batch_real=8") == 0
+    frame = table(dirs, "speech", "speechcommands-ipc2")
+    assert_every_cell(frame, methods.cells(speech.METHODS))
+    assert "not comparable" in (dirs[1] / "speech" / "speechcommands-ipc2.md").read_text()
+
+
+@pytest.mark.slow
+def test_resume_finished_sweep_reruns_nothing(dirs):
+    before = table(dirs, "components", "digits-ipc10")
+    assert sweep(components, dirs, "--resume") == 0
+    after = table(dirs, "components", "digits-ipc10")
+    assert after["test_mean"].tolist() == before["test_mean"].tolist()
+    assert sweep(components, dirs) == 2  # without --resume: one line naming the fix
