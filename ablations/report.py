@@ -105,7 +105,7 @@ def plot_sweep(table, path: Path, meta: dict) -> Path:
         ax = axes[0][-1]
         ax.plot(xs, ys, "s--", color="tab:gray")
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.set_xlabel(groups[0])
+        ax.set_xlabel(groups[0].split(" (")[0])  # the paper's own M/E, not ours
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"paper: {meta.get('paper_setting') or meta['dataset']}", fontsize=9)
         ax.grid(alpha=0.3)

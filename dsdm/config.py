@@ -61,6 +61,7 @@ class DistillConfig:
     precision: str = "fp32"  # fast path synthetic forward: fp32 | bf16 (autocast)
     cache_dtype: str = "float32"  # storage of the cached centred real features: float32 | bfloat16 | float16
     cache_max_mb: int = 0  # cap on the real-feature cache, LRU beyond it (exact: entries recompute); 0 = none
+    forward_chunk: int = 0  # fast path: images per synthetic forward; 0 = auto (40 on CPU, all on GPU)
     log_every: int = 100
     checkpoint_every: int = 500
     seed: int = 0

@@ -147,3 +147,35 @@ def test_switches():
             small_distiller(**{key: value})
     with pytest.raises(DsdmError, match="cache_max_mb"):
         small_distiller(distill__cache_max_mb=-1)
+
+
+def test_chunked_forward_is_the_same_function():
+    from dsdm.distill import chunk_size, embed, embed_chunked
+
+    assert chunk_size(400, 40) == 40 and chunk_size(2000, 40) == 40 and chunk_size(30, 40) == 30
+    assert chunk_size(400, 0) == 400 and chunk_size(256, 40) == 32 and 400 % chunk_size(400, 33) == 0
+    assert chunk_size(4099, 40) == 40  # a prime-ish n: uneven last chunk
+    ds = bench_dataset(SMALL)
+    net = bench_zoo(ds, 1).model(0, 1)
+    x = torch.rand(24, 3, 16, 16, requires_grad=True)
+    whole = embed(net, x)
+    parts = embed_chunked(embed, net, x, 8)
+    assert torch.allclose(whole, parts, rtol=1e-5, atol=1e-6)
+    g1, = torch.autograd.grad(whole.square().sum(), x)
+    g2, = torch.autograd.grad(parts.square().sum(), x)
+    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6)
+    assert small_distiller().forward_chunk == 40, "auto: chunks of 40 on CPU"
+    assert small_distiller(forward_chunk=7).forward_chunk == 7
+    with pytest.raises(DsdmError, match="forward_chunk"):
+        small_distiller(forward_chunk=-1)
+
+
+def test_nchw_fixes_one_channel_channels_last_strides():
+    from dsdm.distill import nchw
+
+    x = torch.rand(4, 8, 8, 1).permute(0, 3, 1, 2)  # what DSA's crop returns for 1-channel images
+    assert x.is_contiguous() and x.stride() != (64, 64, 8, 1)
+    y = nchw(x)
+    assert y.stride() == (64, 64, 8, 1) and torch.equal(x, y)
+    z = torch.rand(2, 3, 4, 4)
+    assert nchw(z) is z
