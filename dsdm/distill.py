@@ -45,6 +45,10 @@ from dsdm.train import build_model
 from dsdm.zoo import ModelZoo, zoo_arch
 
 CHECKPOINT_FORMAT = "dsdm-distill-checkpoint"
+# Keys a checkpoint may be resumed under with another value: they change when and what is
+# logged or evaluated, how far to iterate, or float rounding only -- never the trajectory so far.
+RESUMABLE_KEYS = frozenset({"budget", "distill.iterations", "distill.log_every", "distill.checkpoint_every",
+                            "distill.compile", "distill.forward_chunk", "distill.cache_max_mb"})
 LogFn = Callable[[dict, int], None]
 TERMS = ("proto", "sd", "h", "total")
 # distill.compile=auto compiles the fast path's synthetic forward only for runs long enough to
@@ -435,8 +439,10 @@ class Distiller:
     def load_checkpoint(self, path: str | Path) -> None:
         payload = safe_torch_load(path, expect=CHECKPOINT_FORMAT, what="distillation checkpoint",
                                   fix="delete it to start over, or pass the checkpoint of this run")
-        if payload["config"] != self.cfg.plain():
-            raise DsdmError(f"checkpoint '{path}' was written by a different config; delete it or rerun with that config")
+        differ = config_mismatch(payload["config"], self.cfg)
+        if differ:
+            raise DsdmError(f"checkpoint '{path}' was written by a different config ({', '.join(differ)}); "
+                            "delete it or rerun with that config")
         self.load_state_dict(payload["state"])
 
     def run(self, checkpoint: str | Path | None = None, log: LogFn | None = None) -> SyntheticSet:
@@ -455,6 +461,15 @@ class Distiller:
             if checkpoint is not None and (self.iteration % d.checkpoint_every == 0 or self.iteration == d.iterations):
                 self.save_checkpoint(checkpoint)
         return self.synthetic_set()
+
+
+def config_mismatch(saved: dict, cfg: Config) -> list[str]:
+    """'key: saved -> now' for each setting that would change the trajectory on resume.
+
+    A key the checkpoint lacks (added to Config since) counts as its default value."""
+    now, defaults = cfg.plain(), Config().plain()
+    return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
+            if not k.startswith("eval.") and k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
 def _accumulate(totals: dict, terms: dict) -> None:

@@ -105,11 +105,29 @@ def test_checkpoint_of_another_config_refused(digits, tiny_zoo, tmp_path):
     ckpt = tmp_path / "a.ckpt"
     distiller(digits, tiny_zoo, config(distill__iterations=1)).run(checkpoint=ckpt)
     other = distiller(digits, tiny_zoo, config(distill__iterations=1, distill__lambda1=1.0))
-    with pytest.raises(DsdmError, match="different config"):
+    with pytest.raises(DsdmError, match=r"different config \(distill.lambda1: 50.0 -> 1.0\)"):
         other.run(checkpoint=ckpt)
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
     with pytest.raises(DsdmError, match="checkpoint"):
         other.run(checkpoint=tmp_path / "junk.ckpt")
+
+
+def test_checkpoint_resumes_with_more_iterations_and_from_older_configs(digits, tiny_zoo, tmp_path):
+    """Extending `iterations` continues the same trajectory; a key added to Config after the
+    checkpoint was written counts as its default (sweeps resumed across an upgrade)."""
+    straight = distiller(digits, tiny_zoo, config(distill__iterations=3)).run()
+    ckpt = tmp_path / "a.ckpt"
+    distiller(digits, tiny_zoo, config(distill__iterations=2)).run(checkpoint=ckpt)
+    payload = safe_torch_load(ckpt, expect="dsdm-distill-checkpoint", what="checkpoint", fix="-")
+    del payload["config"]["distill.cache_dtype"]  # as if written before that key existed
+    torch.save(payload, ckpt)
+    steps = []
+    out = distiller(digits, tiny_zoo, config(distill__iterations=3)).run(checkpoint=ckpt, log=lambda m, s: steps.append(s))
+    assert steps == [3]
+    assert torch.equal(out.images, straight.images)
+    odd = config(distill__iterations=3, distill__cache_dtype="bfloat16")
+    with pytest.raises(DsdmError, match="distill.cache_dtype: 'float32' -> 'bfloat16'"):
+        distiller(digits, tiny_zoo, odd).run(checkpoint=ckpt)
 
 
 # --- one step -----------------------------------------------------------------------------
