@@ -326,9 +326,15 @@ def aggregate(cells: list[Cell], ids: dict[str, str], trials, paper: dict[str, f
                      **summary(tests, "test"), **summary(list(done["val_acc"]), "val"),
                      "paper": paper.get(cell.label), "trials": len(done),
                      "failed": int((trials["cell"] == ids[cell.key]).sum() - len(done)),
-                     "trial_s": float(done["seconds"].sum()), "budget": budget, "wall_s": wall,
+                     "trial_s": float(done["seconds"].sum()), "distill_s": _total(done, "distill_s"),
+                     "eval_s": _total(done, "eval_s"), "budget": budget, "wall_s": wall,
                      "overrides": json.dumps(cell.overrides, default=str)})
     return pd.DataFrame(rows)
+
+
+def _total(done, column: str) -> float:
+    """Seconds summed over a cell's trials; NaN for tables written before the column existed."""
+    return float(done[column].sum()) if column in done and len(done) else float("nan")
 
 
 def summary(values: list[float], prefix: str) -> dict[str, float]:

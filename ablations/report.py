@@ -58,6 +58,8 @@ def display_table(table, meta: dict):
                           for m, s, n in zip(table["val_mean"], table["val_std"], table["val_n"])]
     out["nets (seeds x runs)"] = table["test_n"]
     out["trial time (s)"] = [f"{t:.0f}" for t in table["trial_s"]]
+    if "distill_s" in table and table["distill_s"].notna().any():  # the phases of the trial time
+        out["distil / eval (s)"] = [f"{d:.0f} / {e:.0f}" for d, e in zip(table["distill_s"], table["eval_s"])]
     if table["failed"].any():
         out["failed trials"] = table["failed"]
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -68,27 +68,46 @@ def train_and_score(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Datase
 
 
 def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device: torch.device,
-                 on_run: Callable[[str, int, dict], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Per architecture: mean/std/each run's test accuracy (%) and the same for validation."""
+                 on_run: Callable[[str, int, dict], None] | None = None,
+                 run_ids: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Per architecture: mean/std/each run's test accuracy (%) and the same for validation.
+
+    `run_ids` picks which of the cfg.runs networks to train (run i is seeded cfg.seed*1000+i), so
+    the runs can be spread over processes and joined with `merge_results`."""
     x, y = synset.decoded()
     protocol = get_protocol(cfg.protocol)
     recipe = protocol.recipe(dataset.name, cfg.epochs)
     results: dict[str, dict[str, Any]] = {}
     for arch in cfg.archs:
         tests, vals, start = [], [], time.time()
-        for run in range(cfg.runs):
+        for run in (range(cfg.runs) if run_ids is None else run_ids):
             scores = train_and_score(arch, x, y, dataset, recipe, cfg.seed * 1000 + run, device)
             tests.append(100 * scores["test"])
             vals.append(100 * scores["val"])
             if on_run is not None:
                 on_run(arch, run, scores)
-        results[arch] = {
-            "mean": statistics.fmean(tests), "std": _std(tests), "runs": tests,
-            "val_mean": statistics.fmean(vals), "val_std": _std(vals), "val_runs": vals,
-            "protocol": protocol.name, "epochs": recipe.epochs, "train_images": len(x),
-            "seconds": time.time() - start,
-        }
+        results[arch] = _summary(tests, vals, {"protocol": protocol.name, "epochs": recipe.epochs,
+                                               "train_images": len(x), "seconds": time.time() - start})
     return results
+
+
+def merge_results(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Join evaluate_set results of the same set computed run by run (in the order given)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for arch, r in part.items():
+            if arch in merged:
+                m = merged[arch]
+                merged[arch] = _summary(m["runs"] + r["runs"], m["val_runs"] + r["val_runs"],
+                                        {**m, "seconds": m["seconds"] + r["seconds"]})
+            else:
+                merged[arch] = dict(r)
+    return merged
+
+
+def _summary(tests: list[float], vals: list[float], info: dict[str, Any]) -> dict[str, Any]:
+    return {**info, "mean": statistics.fmean(tests), "std": _std(tests), "runs": tests,
+            "val_mean": statistics.fmean(vals), "val_std": _std(vals), "val_runs": vals}
 
 
 def _std(values: list[float]) -> float:

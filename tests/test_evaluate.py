@@ -10,7 +10,7 @@ import dsdm.evaluate as ev
 from dsdm.config import EvalConfig
 from dsdm.coreset import select_coreset
 from dsdm.errors import DsdmError
-from dsdm.evaluate import PROTOCOLS, evaluate_set, get_protocol, train_and_score
+from dsdm.evaluate import PROTOCOLS, evaluate_set, get_protocol, merge_results, train_and_score
 from dsdm.train import accuracy
 
 CFG = EvalConfig(archs=("convnet3", "resnet10"), runs=2, epochs=2, seed=3)
@@ -43,6 +43,16 @@ def test_same_seed_identical_numbers(results, coreset, digits):
     again = evaluate_set(coreset, digits, cfg, torch.device("cpu"))
     for key in ("runs", "val_runs", "mean", "std"):
         assert again["convnet3"][key] == results["convnet3"][key]
+
+
+def test_runs_evaluated_apart_merge_to_the_same_result(results, coreset, digits):
+    """Cross-architecture evaluation spreads networks over Ray tasks; joined, nothing changes."""
+    parts = [evaluate_set(coreset, digits, CFG, torch.device("cpu"), run_ids=[i]) for i in (0, 1)]
+    assert [p["resnet10"]["runs"] for p in parts] == [[a] for a in results["resnet10"]["runs"]]
+    merged = merge_results(parts)
+    for arch in CFG.archs:
+        for key in ("runs", "val_runs", "mean", "std", "val_mean", "val_std", "epochs", "train_images"):
+            assert merged[arch][key] == pytest.approx(results[arch][key]), (arch, key)
 
 
 def test_protocol_recipe_scales_milestones():

@@ -278,6 +278,7 @@ def trial_table(results, space_keys: list[str]):
         row.update({k.split(".")[-1]: (r.config or {}).get(k) for k in space_keys})
         row.update({"val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"), "test_std": m.get("test_std"),
                     "iteration": m.get("iteration"), "seconds": m.get("time_total_s"),
+                    "distill_s": m.get("distill_seconds"), "eval_s": m.get("eval_seconds"),
                     "resumed_from": m.get("resumed_from"), "zoo_pretrain_calls": m.get("zoo_pretrain_calls"),
                     "node": (m.get("node") or "")[:12],
                     "status": "ERROR" if r.error else ("DONE" if "test_acc" in m else "STOPPED"),
@@ -291,25 +292,27 @@ CROSS_ARCHS = ("convnet3", "resnet10", "densenet121")
 
 def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float, skip: set[str]) -> dict[str, dict]:
     """ResNet-10, DenseNet-121 and a longer ConvNet-3 evaluation of the best (or every) set, as
-    Ray tasks; trials in `skip` were evaluated by an earlier (resumed) invocation."""
+    Ray tasks, one per network so that the slow DenseNet-121 runs spread over the CPUs; trials in
+    `skip` were evaluated by an earlier (resumed) invocation."""
     import ray
 
+    from dsdm.evaluate import merge_results
     from tune.trainable import cross_arch_task
 
     done = table[table["set_path"] != ""]
     chosen = done if which == "all" else done.head(1)
     chosen = chosen[~chosen["trial_id"].isin(skip)]
     eval_cfg = {**{k.split(".", 1)[1]: v for k, v in cfg.plain().items() if k.startswith("eval.")}}
-    tasks = {}
-    for _, row in chosen.iterrows():
-        for arch in CROSS_ARCHS:
-            runs = cfg.eval.runs + 2 if arch == "convnet3" else cfg.eval.runs  # "ConvNet-3 with more runs"
-            task_cfg = {**eval_cfg, "archs": [arch], "runs": runs}
-            tasks[(row["trial_id"], arch)] = cross_arch_task.options(num_cpus=trial_cpus).remote(
-                row["set_path"], [data_ref], task_cfg, max(1, int(trial_cpus)))
+    tasks: dict[tuple[str, str], list] = {}
+    for arch in sorted(CROSS_ARCHS, key=lambda a: a != "densenet121"):  # the longest tasks first
+        runs = cfg.eval.runs + 2 if arch == "convnet3" else cfg.eval.runs  # "ConvNet-3 with more runs"
+        task_cfg = {**eval_cfg, "archs": [arch], "runs": runs}
+        for _, row in chosen.iterrows():
+            tasks[(row["trial_id"], arch)] = [cross_arch_task.options(num_cpus=trial_cpus).remote(
+                row["set_path"], [data_ref], task_cfg, max(1, int(trial_cpus)), [run]) for run in range(runs)]
     out: dict[str, dict] = {}
-    for (trial_id, arch), ref in tasks.items():
-        out.setdefault(trial_id, {}).update(ray.get(ref))
+    for (trial_id, arch), refs in tasks.items():
+        out.setdefault(trial_id, {}).update(merge_results(ray.get(refs)))
     return out
 
 

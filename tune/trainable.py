@@ -143,11 +143,11 @@ def evaluate_and_save(synset: SyntheticSet, cfg: Config, dataset, device) -> dic
 
 
 @ray.remote
-def cross_arch_task(set_path: str, data: list, eval_cfg: dict, threads: int) -> dict:
-    """Evaluate one distilled set on other architectures as a Ray task."""
+def cross_arch_task(set_path: str, data: list, eval_cfg: dict, threads: int, run_ids: list[int]) -> dict:
+    """Evaluate one distilled set on other architectures as a Ray task (the networks `run_ids`)."""
     from dsdm.config import EvalConfig
 
     torch.set_num_threads(max(1, threads))
     dataset = dataset_from_store(ray.get(data[0]))
     cfg = EvalConfig(**{**eval_cfg, "archs": tuple(eval_cfg["archs"])})
-    return evaluate_set(SyntheticSet.load(set_path), dataset, cfg, resolve_device("auto"))
+    return evaluate_set(SyntheticSet.load(set_path), dataset, cfg, resolve_device("auto"), run_ids=run_ids)
