@@ -2,7 +2,7 @@
 
 Every loader returns images as float32 ``(N, C, H, W)`` in [0, 1] and int64 labels; the
 validation hold-out (stratified, seeded) is carved from the training split here, once, so
-every dataset gets it the same way. Normalisation constants are carried, not applied.
+every dataset gets it the same way (speech: whole speakers, like its train/test split). Normalisation constants are carried, not applied.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     info: dict[str, Any] = field(default_factory=dict)  # loader extras (e.g. speech cache path)
+    # speaker of each train sample (speech): validation is then held out speaker-wise, so no
+    # voice is in both train and validation, as train/test already are
+    train_groups: list[str] | None = None
     _class_idx: list[Tensor] | None = field(default=None, init=False)
 
     @property
@@ -74,6 +77,28 @@ def stratified_holdout(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, T
     mask = torch.zeros(len(y), dtype=torch.bool)
     if hold:
         mask[torch.cat(hold)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+def group_holdout(groups: list[str], fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(keep, hold) sorted index tensors with whole groups held out: a seeded draw of groups
+    until at least round(fraction * n) samples are held (>= 1 group each side)."""
+    if not 0 <= fraction < 1:
+        raise DsdmError(f"val_fraction must be in [0, 1), got {fraction}")
+    names = sorted(set(groups))
+    target = round(fraction * len(groups))
+    if target and len(names) < 2:
+        raise DsdmError(f"a validation split held out by speaker needs >= 2 training speakers, found {len(names)}; "
+                        "add speakers or pass val_fraction=0")
+    count = {g: 0 for g in names}
+    for g in groups:
+        count[g] += 1
+    held: set[str] = set()
+    for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist():
+        if sum(count[g] for g in held) >= target or len(held) == len(names) - 1:
+            break
+        held.add(names[i])
+    mask = torch.tensor([g in held for g in groups], dtype=torch.bool)
     return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
 
 
@@ -161,7 +186,7 @@ def _speechcommands(root: Path, offline: bool) -> Dataset:
     info = {k: d[k] for k in ("spec_min", "spec_max", "cache_path", "from_cache")}
     return Dataset("speechcommands", "speech", d["train_x"], d["train_y"], d["train_x"][:0],
                    d["train_y"][:0], d["test_x"], d["test_y"], list(speech.WORDS),
-                   (d["mean"],), (d["std"],), info)
+                   (d["mean"],), (d["std"],), info, [speech.speaker_of(f) for f in d["train_files"]])
 
 
 LOADERS: dict[str, Callable[[Path, bool], Dataset]] = {
@@ -178,12 +203,18 @@ def default_root() -> Path:
 
 def load_dataset(name: str, root: str | Path | None = None, offline: bool = False,
                  val_fraction: float = 0.1, seed: int = 0) -> Dataset:
-    """Load ``name`` from ``root`` and hold out a stratified ``val_fraction`` of train (seeded)."""
+    """Load ``name`` from ``root`` and hold out ``val_fraction`` of train (seeded): stratified by
+    class, or by speaker where the loader knows them (speech)."""
     key = name.lower()
     if key not in LOADERS:
         raise DsdmError(f"unknown dataset '{name}'; choose one of: {', '.join(sorted(LOADERS))}")
     ds = LOADERS[key](Path(root).expanduser() if root is not None else default_root(), offline)
-    keep, hold = stratified_holdout(ds.train_y, val_fraction, seed)
+    if ds.train_groups is None:
+        keep, hold = stratified_holdout(ds.train_y, val_fraction, seed)
+    else:
+        keep, hold = group_holdout(ds.train_groups, val_fraction, seed)
+        ds.info["val_groups"] = sorted({ds.train_groups[i] for i in hold.tolist()})
+        ds.train_groups = [ds.train_groups[i] for i in keep.tolist()]
     ds.val_x, ds.val_y = ds.train_x[hold], ds.train_y[hold]
     ds.train_x, ds.train_y = ds.train_x[keep], ds.train_y[keep]
     return ds

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 from dsdm import speech
-from dsdm.data import Dataset, load_dataset, stratified_holdout
+from dsdm.data import Dataset, group_holdout, load_dataset, stratified_holdout
 from dsdm.errors import DsdmError
 
 from conftest import SHARED  # noqa: E402  (one definition of the shared data path)
@@ -81,6 +81,10 @@ def test_spoken_commands_real(tmp_path, monkeypatch):
     test_spk = {speech.speaker_of(f) for f in d["test_files"]}
     assert train_spk and test_spk and not train_spk & test_spk
     assert len(d["test_files"]) == len(warm.test_y)
+    # validation is held out by speaker too: no voice in both train and validation
+    val_spk = set(warm.info["val_groups"])
+    assert val_spk and not val_spk & set(warm.train_groups) and not val_spk & test_spk
+    assert len(warm.train_groups) == len(warm.train_y) and val_spk | set(warm.train_groups) == train_spk
 
 
 def write_fake_speech(folder: Path, speakers=("aa11", "bb22", "cc33", "dd44", "ee55")) -> Path:
@@ -217,6 +221,19 @@ def test_stratified_holdout_partition():
     assert y[hold].bincount().tolist() == [round(0.25 * n) for n in y.bincount().tolist()]
     with pytest.raises(DsdmError):
         stratified_holdout(y, 1.0, seed=0)
+
+
+def test_group_holdout_keeps_groups_whole():
+    groups = [f"spk{i % 7}" for i in range(70)] + ["spk0"] * 5  # 7 speakers, one with 15 clips
+    keep, hold = group_holdout(groups, 0.1, seed=1)
+    assert sorted(keep.tolist() + hold.tolist()) == list(range(75))
+    held, kept = {groups[i] for i in hold.tolist()}, {groups[i] for i in keep.tolist()}
+    assert held and kept and not held & kept and len(hold) >= round(0.1 * 75)
+    assert torch.equal(group_holdout(groups, 0.1, seed=1)[1], hold)  # seeded
+    assert len(group_holdout(groups, 0.0, seed=1)[1]) == 0
+    assert len(group_holdout(groups, 0.9, seed=1)[0]) > 0  # >= 1 speaker stays in train
+    with pytest.raises(DsdmError, match="needs >= 2 training speakers"):
+        group_holdout(["only"] * 10, 0.1, seed=0)
 
 
 def test_unknown_dataset():
