@@ -2,7 +2,8 @@
 
 Every loader returns images as float32 ``(N, C, H, W)`` in [0, 1] and int64 labels; the
 validation hold-out (stratified, seeded) is carved from the training split here, once, so
-every dataset gets it the same way (speech: whole speakers, like its train/test split). Normalisation constants are carried, not applied.
+every dataset gets it the same way (speech: whole speakers, like its train/test split).
+Normalisation constants are carried, not applied.
 """
 from __future__ import annotations
 
