@@ -2,7 +2,7 @@
 ConvNet-3, ResNet-10 and DenseNet-121.
 
 The DSDM cells run as a Tune grid (seeds); every finished set is then evaluated on the other
-architectures as Ray tasks (tune.trainable.cross_arch_task, as tune.search does for its best
+architectures as Ray tasks, one per network (tune.trainable.cross_arch_refs, as tune.search does for its best
 trial) and recorded in the trial's MLflow run. A resumed sweep skips sets already evaluated.
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ def evaluate_other_archs(out, args) -> dict[str, list[tuple[float, float, int]]]
     """{arch: [(mean, std, nets) per trial]}: ConvNet-3 from the trials, the others as Ray tasks."""
     import ray
 
+    from dsdm.evaluate import merge_results
     from tune import tracking
-    from tune.trainable import cross_arch_task
+    from tune.trainable import cross_arch_refs
     from tune.zoo import put_dataset
 
     done = out.trials[out.trials["status"] == "DONE"]
@@ -40,10 +41,9 @@ def evaluate_other_archs(out, args) -> dict[str, list[tuple[float, float, int]]]
                 per_arch.setdefault(arch, []).append((mean, std, out.cfg.eval.runs))
                 continue
             task_cfg = {**eval_cfg, "archs": [arch], "seed": int(row["seed"])}
-            tasks[(row["trial_id"], arch)] = cross_arch_task.options(num_cpus=args.trial_cpus).remote(
-                row["set_path"], [data_ref], task_cfg, max(1, int(args.trial_cpus)))
-    for (trial_id, arch), ref in tasks.items():
-        result = ray.get(ref)
+            tasks[(row["trial_id"], arch)] = cross_arch_refs(row["set_path"], data_ref, task_cfg, args.trial_cpus)
+    for (trial_id, arch), refs in tasks.items():
+        result = merge_results(ray.get(refs))
         r = result[arch]
         per_arch.setdefault(arch, []).append((r["mean"], r["std"], len(r["runs"])))
         run_id = tracking.find_or_create_run(ml["uri"], ml["experiment_id"], {tracking.TRIAL_TAG: trial_id},

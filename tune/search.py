@@ -297,7 +297,7 @@ def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float, 
     import ray
 
     from dsdm.evaluate import merge_results
-    from tune.trainable import cross_arch_task
+    from tune.trainable import cross_arch_refs
 
     done = table[table["set_path"] != ""]
     chosen = done if which == "all" else done.head(1)
@@ -308,8 +308,7 @@ def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float, 
         runs = cfg.eval.runs + 2 if arch == "convnet3" else cfg.eval.runs  # "ConvNet-3 with more runs"
         task_cfg = {**eval_cfg, "archs": [arch], "runs": runs}
         for _, row in chosen.iterrows():
-            tasks[(row["trial_id"], arch)] = [cross_arch_task.options(num_cpus=trial_cpus).remote(
-                row["set_path"], [data_ref], task_cfg, max(1, int(trial_cpus)), [run]) for run in range(runs)]
+            tasks[(row["trial_id"], arch)] = cross_arch_refs(row["set_path"], data_ref, task_cfg, trial_cpus)
     out: dict[str, dict] = {}
     for (trial_id, arch), refs in tasks.items():
         out.setdefault(trial_id, {}).update(merge_results(ray.get(refs)))

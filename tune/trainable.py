@@ -142,6 +142,13 @@ def evaluate_and_save(synset: SyntheticSet, cfg: Config, dataset, device) -> dic
             "files": {SET_FILE: out_dir / SET_FILE, GRID_FILE: out_dir / GRID_FILE}}
 
 
+def cross_arch_refs(set_path: str, data_ref, eval_cfg: dict, cpus: float) -> list:
+    """One cross_arch_task per evaluation network, so slow architectures spread over the CPUs;
+    join the results with dsdm.evaluate.merge_results(ray.get(refs))."""
+    return [cross_arch_task.options(num_cpus=cpus).remote(set_path, [data_ref], eval_cfg, max(1, int(cpus)), [run])
+            for run in range(int(eval_cfg["runs"]))]
+
+
 @ray.remote
 def cross_arch_task(set_path: str, data: list, eval_cfg: dict, threads: int, run_ids: list[int]) -> dict:
     """Evaluate one distilled set on other architectures as a Ray task (the networks `run_ids`)."""
