@@ -8,6 +8,7 @@ change of data or code parameters recomputes instead of silently reusing stale t
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import stat
@@ -18,7 +19,6 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-import torchaudio
 
 from dsdm.errors import DsdmError
 
@@ -72,19 +72,35 @@ def split_speakers(files: list[str]) -> set[str]:
     return {speakers[i] for i in order.tolist()}
 
 
+# The compiled trio torch / torchvision / torchaudio only loads as the exact set pyproject.toml pins:
+# a torchaudio built for another torch installs cleanly and then fails at import (undefined symbol).
+TORCHAUDIO_PIN = "torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0"
+
+
+def torchaudio_module():
+    """torchaudio, imported on first use (only speech needs it), or a one-line DsdmError naming the pin."""
+    try:
+        return importlib.import_module("torchaudio")
+    except (OSError, ImportError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DsdmError(f"torchaudio does not load beside torch {torch.__version__} ({first}); "
+                        f"install the pinned set: pip install {TORCHAUDIO_PIN} "
+                        "(or pip install -c constraints.txt -e .)") from None
+
+
 def read_wave(path: Path) -> torch.Tensor:
     """Mono float32 waveform at 16 kHz, zero-padded/trimmed to exactly 1 s."""
     wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     x = torch.from_numpy(np.ascontiguousarray(wav.mean(axis=1)))
     if sr != PARAMS["sample_rate"]:
-        x = torchaudio.functional.resample(x, sr, PARAMS["sample_rate"])
+        x = torchaudio_module().functional.resample(x, sr, PARAMS["sample_rate"])
     n = PARAMS["sample_rate"]
     return F.pad(x[:n], (0, max(0, n - x.numel())))
 
 
 def spectrograms(waves: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """(N, 16000) waveforms -> (N, 1, 64, 64) log1p magnitude spectrograms (unscaled)."""
-    spec = torchaudio.transforms.Spectrogram(n_fft=PARAMS["n_fft"], hop_length=PARAMS["hop"], power=1.0)
+    spec = torchaudio_module().transforms.Spectrogram(n_fft=PARAMS["n_fft"], hop_length=PARAMS["hop"], power=1.0)
     size = (PARAMS["size"], PARAMS["size"])
     out = [F.interpolate(torch.log1p(spec(w)).unsqueeze(1), size=size, mode="bilinear",
                          align_corners=False) for w in waves.split(chunk)]  # chunks bound memory
