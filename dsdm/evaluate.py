@@ -56,17 +56,16 @@ _COLOR_CROP_CUTOUT = _ops("color_crop_cutout")
 # color_crop_cutout_flip_scale_rotate; flip is removed for MNIST and SVHN, cutout whenever CutMix
 # ('cut' mixup) is on; matching (aug_type) is color_crop_cutout unless reproduce.py says otherwise.
 # The first row that matches wins.
+_MNIST_FACTOR = AugRecipe(0.0, _ops("color_crop_scale_rotate"), _ops("color_crop"))  # factor > 1
+_MNIST_PLAIN = AugRecipe(0.5, _ops("color_crop_scale_rotate"), _COLOR_CROP_CUTOUT)  # factor 1
 OFFICIAL_RECIPES: tuple[RecipeRow, ...] = (
-    RecipeRow("mnist", ">1", 0, AugRecipe(0.0, _ops("color_crop_scale_rotate"), _ops("color_crop")),
+    RecipeRow("mnist", ">1", 0, _MNIST_FACTOR,
               "reproduce.py mnist, factor > 1: mixup vanilla, dsa_strategy color_crop_scale_rotate, aug_type color_crop"),
-    RecipeRow("mnist", "1", 0, AugRecipe(0.5, _ops("color_crop_scale_rotate"), _COLOR_CROP_CUTOUT),
-              "argument.py mnist: mix_p 0.5, flip removed; cutout removed by CutMix"),
+    RecipeRow("mnist", "1", 0, _MNIST_PLAIN, "argument.py mnist: mix_p 0.5, flip removed; cutout removed by CutMix"),
     # digits (scikit-learn 8x8, ours): grey handwritten digits like MNIST, so MNIST's rows; at 8x8 a
     # factor-2 tile is 4x4 pixels, where CutMix boxes and cutout remove even more of a digit.
-    RecipeRow("digits", ">1", 0, AugRecipe(0.0, _ops("color_crop_scale_rotate"), _ops("color_crop")),
-              "ours: as mnist, factor > 1"),
-    RecipeRow("digits", "1", 0, AugRecipe(0.5, _ops("color_crop_scale_rotate"), _COLOR_CROP_CUTOUT),
-              "ours: as mnist, factor 1"),
+    RecipeRow("digits", ">1", 0, _MNIST_FACTOR, "ours: as mnist, factor > 1"),
+    RecipeRow("digits", "1", 0, _MNIST_PLAIN, "ours: as mnist, factor 1"),
     RecipeRow("fashionmnist", "any", 0, AugRecipe(0.5, _ops("color_crop_flip_scale_rotate"), _COLOR_CROP_CUTOUT),
               "argument.py fashion: mix_p 0.5, flip kept; cutout removed by CutMix"),
     RecipeRow("svhn", "1", 1, AugRecipe(0.0, _ops("color_crop_cutout_scale_rotate"), _COLOR_CROP_CUTOUT),
