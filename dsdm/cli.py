@@ -37,7 +37,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="comma-separated: convnet3,resnet10,densenet121")
     p.add_argument("--runs", type=int, help="fresh networks per architecture")
     p.add_argument("--epochs", type=int, help="training epochs per network (default: the protocol's)")
-    p.add_argument("--protocol", choices=["dsdm", "dm"], help="evaluation recipe (spec section 4)")
+    p.add_argument("--protocol", choices=["dsdm", "dsdm-uniform", "dm"],
+                   help="evaluation recipe (dsdm.evaluate.PROTOCOLS; dsdm: the official one per dataset)")
     p.add_argument("--json", type=Path, help="write the results here")
 
 

@@ -3,6 +3,20 @@
 `Config(data, zoo, distill, eval)` has a flat dotted view (`distill.lambda1`) used by
 search spaces, `--set key=value` on the command line and MLflow params. Budgets are
 named sets of dotted overrides on top of the defaults (which are the paper's numbers).
+
+The official DSDM code's flags (Li-Hongcheng/DSDM argument.py) and our keys:
+
+    official flag                 our key                   meaning
+    --cov_weight 50               distill.lambda1           weight of L_SD (covariance matching)
+    --h_p_weight 0.2              distill.lambda2           weight of L_h (historical prototypes)
+    --smooth_factor 0.99          distill.alpha             EMA decay of the memory bank
+    --smooth_iter 2000            distill.warmup            L_h from iteration > smooth_iter (ours: >= warmup)
+    --pretrained_model_number 10  distill.num_models (M)    zoo models sampled from (zoo.num_models trains them)
+    --pretrained_epochs 20        distill.pretrain_epochs   E, the zoo snapshot used (zoo.snapshots keeps it)
+    --lr_img 0.1 (x ipc/10)       distill.lr_img            0 = 0.1 * ipc / 10, as --reproduce's tune_lr_img
+    --batch_real 256              distill.batch_real        real images per class per match
+    -f / --factor 2               distill.factor            l x l tiles per stored image (multi-formation)
+    -i / --ipc 10                 distill.ipc               stored images per class
 """
 from __future__ import annotations
 
@@ -57,6 +71,10 @@ class DistillConfig:
     per_class_step: bool = True  # reference DSDM: one optimiser step per class
     fast: bool = True  # cached real features over a pool of augmentation draws
     aug_pool: int = 16  # K Siamese draws cached per zoo snapshot (fast path)
+    aug_refresh: int = 0  # fast path: redraw a pool slot (real batch + draw) after R uses; 0 = never, 1 = every use
+    bank_forward: bool = False  # fast path: memory bank from a separate pass after the step (as the reference)
+    batched_loss: bool = True  # fast path: losses of all classes in one bmm (False: class by class; speed lever)
+    nchw_input: bool = True  # copy augmented batches to NCHW strides before the net (speed lever, CPU)
     compile: str = "auto"  # fast path: torch.compile the synthetic forward (auto: iterations >= 1000) | on | off
     precision: str = "fp32"  # fast path synthetic forward: fp32 | bf16 (autocast)
     cache_dtype: str = "float32"  # storage of the cached centred real features: float32 | bfloat16 | float16

@@ -1,181 +1,77 @@
-"""dsdm.bench and the fast path's guarantees: the benchmark runs and writes its JSON/markdown;
-the fast path's per-class loss IS the reference loss for the same model, augmentation draw and
-real batch (the 'same objective' guarantee at the level of one step); the cache's padding,
-LRU cap and reduced-precision storage; compile/precision switches."""
+"""The distillation benchmark (benchmarks/distill.py, outside the installed package): it runs,
+prints, writes JSON, touches docs only with --write-docs; its levers are config values; and
+`python -m dsdm.bench` forwards to it, or says in one line that it cannot."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import torch
 
-from dsdm.bench import SHAPES, bench_config, bench_dataset, bench_zoo, replace_section
-from dsdm.data import Dataset
-from dsdm.distill import Distiller, RealFeatureCache, batched_class_losses
-from dsdm.errors import DsdmError
-from dsdm.losses import dsdm_class_loss
+from benchmarks.distill import LEVERS, SHAPES, bench_config, replace_section
+from dsdm.config import DistillConfig
 
-SMALL = SHAPES["small"]
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--iterations", "1", "--ipc", "1", "--small"]
 
 
-def small_distiller(ipc=2, fast=True, dataset=None, **opts):
-    ds = dataset if dataset is not None else bench_dataset(SMALL)
-    cfg = bench_config(SMALL, ipc, fast, models=2, draws=2, opts={"compile": "off", **opts})
-    over = {k.replace("__", "."): v for k, v in opts.items() if "__" in k}
-    if over:
-        cfg = cfg.override(over).validate()
-    return Distiller(ds, cfg, bench_zoo(ds, 2), "cpu")
+def _run(args, cwd=REPO, env=None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
-def test_bench_small_writes_json_and_markdown(tmp_path):
+def test_bench_small_prints_and_writes_json_not_docs(tmp_path):
     out, doc = tmp_path / "b.json", tmp_path / "bench.md"
     doc.write_text("# Benchmarks\n\nhand-written text\n")
-    proc = subprocess.run([sys.executable, "-m", "dsdm.bench", "--iterations", "1", "--ipc", "1", "--small",
-                           "--json", str(out), "--out", str(doc)], capture_output=True, text=True, timeout=300)
+    proc = _run(["-m", "benchmarks.distill", *SMALL_RUN, "--json", str(out), "--out", str(doc)])
     assert proc.returncode == 0, proc.stderr
+    assert "| 1 | fast |" in proc.stdout and doc.read_text() == "# Benchmarks\n\nhand-written text\n"
     data = json.loads(out.read_text())
     assert set(data) == {"ipc1"} and set(data["ipc1"]) == {"fast", "straightforward"}
     for path, r in data["ipc1"].items():
         assert r["path"] == path and r["ipc"] == 1 and r["s_per_iter"] > 0 and r["images_per_s"] > 0
         assert len(r["s_per_iter_all"]) == 1 and r["peak_rss_mb"] > 0
     assert data["ipc1"]["fast"]["cache"]["fills_while_timed"] == 0, "steady state: no cache fill was timed"
+
+
+def test_bench_write_docs_replaces_its_section(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\nhand-written text\n")
+    proc = _run(["-m", "dsdm.bench", *SMALL_RUN, "--write-docs", "--out", str(doc)])  # through the forwarder
+    assert proc.returncode == 0, proc.stderr
     text = doc.read_text()
     assert "hand-written text" in text and "<!-- bench:start -->" in text and "| 1 | fast |" in text
-    # a second write replaces the section instead of appending another one
     replace_section(doc, ("<!-- bench:start -->", "<!-- bench:end -->"), "new body", "ignored")
     text = doc.read_text()
     assert text.count("<!-- bench:start -->") == 1 and "new body" in text and "| 1 | fast |" not in text
     assert "hand-written text" in text
 
 
-def _uneven_dataset() -> Dataset:
-    """The small bench data with class 0 cut to 10 images: fewer than batch_real (16)."""
-    ds = bench_dataset(SMALL)
-    keep = torch.cat([torch.nonzero(ds.train_y == 0).flatten()[:10], torch.nonzero(ds.train_y != 0).flatten()])
-    return Dataset("bench", "image", ds.train_x[keep], ds.train_y[keep], ds.val_x, ds.val_y, ds.test_x, ds.test_y,
-                   ds.class_names, ds.mean, ds.std)
+def test_dsdm_bench_without_the_benchmarks_says_so_in_one_line(tmp_path):
+    """Installed without the repository (a copy of dsdm alone): one line naming the fix, exit 2."""
+    shutil.copytree(REPO / "dsdm", tmp_path / "site" / "dsdm", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")}
+    proc = _run(["-m", "dsdm.bench", "--help"], cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "benchmarks.distill" in proc.stderr and "checkout" in proc.stderr
 
 
-@pytest.mark.parametrize("uneven", [False, True], ids=["even", "class-with-fewer-than-batch_real"])
-@pytest.mark.parametrize("with_h", [False, True], ids=["no-bank", "bank"])
-def test_fast_class_loss_equals_reference_loss(uneven, with_h):
-    """Same model, same draw, same real batch: fast per-class loss (cached, batched, one forward)
-    == reference per-class loss (fresh forward per class, losses.dsdm_class_loss), and so are the
-    gradients on the pixels."""
-    d = small_distiller(ipc=2, dataset=_uneven_dataset() if uneven else None, distill__warmup=0)
-    if with_h:  # a memory bank with a prototype for every class
-        d.bank.update_all(torch.randn(d.bank.h.shape, generator=torch.Generator().manual_seed(1)))
-        d.iteration = 5
-    m, k = 1, 1
-    net = d.zoo.model(m, 1)
-    fast, fast_terms, _ = d.fast_class_losses(m, net, k)
-    grad_fast, = torch.autograd.grad(fast.sum(), d.images)
-    picks = d.cache.real_batch(m, k)
-    if uneven:
-        assert len(picks[0]) == 10 and len(picks[1]) == 16
-    grad_ref = torch.zeros_like(d.images)
-    for c in range(d.dataset.num_classes):
-        ref, terms = d.reference_class_loss(net, c, d.aug_pool[k], picks[c])
-        assert fast[c].item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-7), f"class {c}"
-        for key in ("proto", "sd", "h"):
-            assert fast_terms[key][c].item() == pytest.approx(terms[key].item(), rel=1e-5, abs=1e-7)
-        assert (terms["h"].item() > 0) == with_h
-        grad_ref += torch.autograd.grad(ref, d.images)[0]
-    assert ((grad_fast - grad_ref).norm() / grad_ref.norm()).item() < 1e-5  # float rounding only
+def test_levers_are_config_values():
+    """Every lever row is a set of distill.* settings: no module globals or methods are swapped."""
+    keys = {f.name for f in __import__("dataclasses").fields(DistillConfig)}
+    for name, _, opts in LEVERS:
+        assert set(opts) <= keys, name
+        cfg = bench_config(SHAPES["small"], 1, True, 1, 1, opts)
+        assert all(getattr(cfg.distill, k) == v for k, v in opts.items()), name
 
 
-def test_batched_losses_match_the_loss_module():
-    g = torch.Generator().manual_seed(0)
-    C, n, m, dim = 3, 7, 4, 12
-    real = [torch.randn(n, dim, generator=g) for _ in range(C)]
-    syn = torch.randn(C, m, dim, generator=g)
-    h = torch.randn(C, dim, generator=g)
-    from dsdm.distill import RealStats
-    from dsdm.losses import precompute_real
-
-    pre = [precompute_real(r) for r in real]
-    stats = RealStats(torch.stack([r.mean(0) for r in real]), torch.stack([p[0] for p in pre]),
-                      torch.stack([p[1] for p in pre]), torch.full((C,), float(n - 1)), [n] * C)
-    total, terms = batched_class_losses(syn, stats, h, 50.0, 0.2)
-    for c in range(C):
-        ref, ref_terms = dsdm_class_loss(real[c], syn[c], h[c], 50.0, 0.2)
-        assert total[c].item() == pytest.approx(ref.item(), rel=1e-5)
-        assert all(terms[k][c].item() == pytest.approx(ref_terms[k].item(), rel=1e-5, abs=1e-8) for k in terms)
-    one, _ = batched_class_losses(syn[:, :1], stats, None, 50.0, 0.2)  # one synthetic image: finite
-    assert torch.isfinite(one).all()
-
-
-def test_cache_cap_evicts_and_recomputes_exactly():
-    """An LRU cap changes memory, never the run: entries are pure functions of (seed, m, k)."""
-    free, capped = small_distiller(), small_distiller()
-    one_entry = None
-    for i in range(6):
-        free.step()
-        if one_entry is None and free.cache.entries:
-            one_entry = next(iter(free.cache.entries.values())).nbytes
-            capped.cache.max_bytes = one_entry  # room for a single entry
-        capped.step()
-    assert torch.equal(free.images, capped.images) and torch.equal(free.bank.h, capped.bank.h)
-    assert len(capped.cache.entries) == 1 and capped.cache.evictions > 0
-    assert capped.cache.fills > free.cache.fills
-
-
-def test_cache_low_precision_storage_is_close():
-    ds = bench_dataset(SMALL)
-    net = bench_zoo(ds, 1).model(0, 1)
-    params = small_distiller().aug_pool[0]
-    full = RealFeatureCache(ds, 16, 0, torch.device("cpu")).get(0, 0, net, params)
-    half = RealFeatureCache(ds, 16, 0, torch.device("cpu"), dtype=torch.bfloat16).get(0, 0, net, params)
-    assert half.xc.dtype == torch.bfloat16 and half.nbytes < 0.6 * full.nbytes
-    assert torch.equal(half.norm_sq, full.norm_sq) and torch.equal(half.mean, full.mean)
-    assert torch.allclose(half.xc.float(), full.xc, rtol=1e-2, atol=1e-2)
-
-
-def test_switches():
-    assert not small_distiller().compiled  # the bench config passes compile=off
-    assert small_distiller(compile="auto").compiled, "auto compiles a 10K-iteration run"
-    short = small_distiller(compile="auto", distill__iterations=10)
-    assert not short.compiled, "auto leaves short runs eager"
-    assert not small_distiller(fast=False, compile="on").compiled, "the reference path is never compiled"
-    bf16 = small_distiller(precision="bf16")
-    terms = bf16.step()
-    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
-    for key, value in (("compile", "yes"), ("precision", "fp8"), ("cache_dtype", "int8")):
-        with pytest.raises(DsdmError, match=key):
-            small_distiller(**{key: value})
-    with pytest.raises(DsdmError, match="cache_max_mb"):
-        small_distiller(distill__cache_max_mb=-1)
-
-
-def test_chunked_forward_is_the_same_function():
-    from dsdm.distill import chunk_size, embed, embed_chunked
-
-    assert chunk_size(400, 40) == 40 and chunk_size(2000, 40) == 40 and chunk_size(30, 40) == 30
-    assert chunk_size(400, 0) == 400 and chunk_size(256, 40) == 32 and 400 % chunk_size(400, 33) == 0
-    assert chunk_size(4099, 40) == 40  # a prime-ish n: uneven last chunk
-    ds = bench_dataset(SMALL)
-    net = bench_zoo(ds, 1).model(0, 1)
-    x = torch.rand(24, 3, 16, 16, requires_grad=True)
-    whole = embed(net, x)
-    parts = embed_chunked(embed, net, x, 8)
-    assert torch.allclose(whole, parts, rtol=1e-5, atol=1e-6)
-    g1, = torch.autograd.grad(whole.square().sum(), x)
-    g2, = torch.autograd.grad(parts.square().sum(), x)
-    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-6)
-    assert small_distiller().forward_chunk == 40, "auto: chunks of 40 on CPU"
-    assert small_distiller(forward_chunk=7).forward_chunk == 7
-    with pytest.raises(DsdmError, match="forward_chunk"):
-        small_distiller(forward_chunk=-1)
-
-
-def test_nchw_fixes_one_channel_channels_last_strides():
-    from dsdm.distill import nchw
-
-    x = torch.rand(4, 8, 8, 1).permute(0, 3, 1, 2)  # what DSA's crop returns for 1-channel images
-    assert x.is_contiguous() and x.stride() != (64, 64, 8, 1)
-    y = nchw(x)
-    assert y.stride() == (64, 64, 8, 1) and torch.equal(x, y)
-    z = torch.rand(2, 3, 4, 4)
-    assert nchw(z) is z
+@pytest.mark.parametrize("levers", [["--levers"]], ids=["levers"])
+def test_bench_levers_run(tmp_path, levers):
+    out = tmp_path / "levers.json"
+    proc = _run(["-m", "benchmarks.distill", *SMALL_RUN, *levers, "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert set(data["levers"]) == {name for name, _, _ in LEVERS}
+    assert all(r["s_per_iter"] > 0 for r in data["levers"].values())

@@ -2,6 +2,7 @@
 the lambda = 0 reduction, the memory bank, NaN handling and input checks. Tiny digits runs."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from dsdm.augment import augment, decode
 from dsdm.config import make_config
-from dsdm.distill import Distiller, image_lr
+from dsdm.distill import Distiller, RunHooks, image_lr
 from dsdm.errors import DsdmError
 from dsdm.losses import prototype_loss
 from dsdm.models import ConvNet
@@ -68,13 +69,15 @@ def test_smoke_run_is_bit_reproducible(digits, tiny_zoo, method, fast):
         assert not torch.equal(other.images, a.images)
 
 
-@pytest.mark.parametrize("method,fast", [("dsdm", True), ("dsdm", False), ("dm", False)],
-                         ids=["dsdm-fast", "dsdm-reference", "dm"])
-def test_kill_and_resume_is_exact(digits, tiny_zoo, tmp_path, method, fast):
+@pytest.mark.parametrize("method,fast,refresh", [("dsdm", True, 0), ("dsdm", True, 1), ("dsdm", True, 3),
+                                                 ("dsdm", False, 0), ("dm", False, 0)],
+                         ids=["dsdm-fast", "dsdm-fast-refresh1", "dsdm-fast-refresh3", "dsdm-reference", "dm"])
+def test_kill_and_resume_is_exact(digits, tiny_zoo, tmp_path, method, fast, refresh):
     """A run killed mid-way and restarted from its checkpoint ends where an uninterrupted one does.
-    warmup=1 < checkpoint < N, so the memory bank and L_h are part of the resumed state."""
+    warmup=1 < checkpoint < N, so the memory bank and L_h are part of the resumed state; with
+    refresh the pool's slot generations and use counts are too (refresh 3 > checkpoint: mid-count)."""
     n = 4
-    cfg = config(method, fast, distill__iterations=n, distill__warmup=1)
+    cfg = config(method, fast, distill__iterations=n, distill__warmup=1, distill__aug_refresh=refresh)
     straight = distiller(digits, tiny_zoo, cfg)
     full = straight.run()
 
@@ -96,6 +99,10 @@ def test_kill_and_resume_is_exact(digits, tiny_zoo, tmp_path, method, fast):
     assert torch.equal(out.images, full.images)
     assert torch.equal(resumed.bank.h, straight.bank.h)
     assert torch.equal(resumed.generator.get_state(), straight.generator.get_state())
+    assert torch.equal(resumed.pool.generation, straight.pool.generation)
+    assert torch.equal(resumed.pool.uses, straight.pool.uses)
+    if refresh == 1:
+        assert int(straight.pool.generation.sum()) == n, "R = 1: every use moved its slot on"
     # the finished checkpoint is a no-op to resume
     again = distiller(digits, tiny_zoo, cfg)
     assert torch.equal(again.run(checkpoint=ckpt, log=lambda m, s: pytest.fail("no steps left")).images, full.images)
@@ -153,9 +160,11 @@ def test_gradients_reach_the_pixels_only(digits, tiny_zoo, monkeypatch, fast):
             assert all(torch.equal(sd[k], ref[k]) for k in ref), "zoo weights untouched"
 
 
-def test_lambdas_zero_is_one_prototype_matching_step(digits, tiny_zoo):
-    """Fast path, M=1 model and K=1 draw (so the pick is known): the update is exactly one SGD step
-    on sum_c ||mu_real_c - mu_syn_c||^2 computed here from scratch on the synthetic side."""
+def test_lambdas_zero_is_one_iteration_of_per_class_steps(digits, tiny_zoo):
+    """Fast path, M=1 model and K=1 draw (so the pick is known): the update is the reference's C
+    per-class SGD steps on ||mu_real_c - mu_syn_c||^2, computed here from scratch on the synthetic
+    side. First iteration: class c gets its gradient at step c (no momentum before it), then moves
+    by momentum alone in the C-1-c later steps: lr * g_c * (1 + m + ... + m^(C-1-c))."""
     cfg = config(distill__lambda1=0.0, distill__lambda2=0.0, distill__num_models=1, distill__aug_pool=1)
     d = distiller(digits, tiny_zoo, cfg)
     x0 = d.images.detach().clone().clamp(0, 1)
@@ -163,8 +172,8 @@ def test_lambdas_zero_is_one_prototype_matching_step(digits, tiny_zoo):
     assert terms["total"] == terms["proto"] and terms["h"] == 0
 
     net = tiny_zoo.model(0, 2)
-    params = d.aug_pool[0]
-    real_means = [entry[0] for entry in d.cache.entries[(0, 0)]]  # the cached real prototypes
+    params = d.pool.params(0, 0)
+    real_means = list(d.cache.entries[(0, 0)].mean)  # the cached real prototypes
     # the cached real prototype of class c is a class-c prototype (labels not mixed up)
     with torch.no_grad():
         full = [net.embed(augment(digits.class_images(c), digits.mean, digits.std, params)).mean(0)
@@ -179,8 +188,13 @@ def test_lambdas_zero_is_one_prototype_matching_step(digits, tiny_zoo):
     loss = sum(prototype_loss(real_means[c][None], f[c * per:(c + 1) * per]) for c in range(10))
     loss.backward()
     assert loss.item() == pytest.approx(terms["proto"], rel=1e-5)
-    expected = x0 - image_lr(cfg) * x.grad  # first SGD step: momentum buffer = grad
-    assert torch.allclose(d.images.detach(), expected, rtol=1e-5, atol=1e-7)
+    mom, ipc = cfg.distill.momentum, cfg.distill.ipc
+    scale = torch.tensor([sum(mom ** i for i in range(10 - c)) for c in range(10)]).repeat_interleave(ipc)
+    expected = x0 - image_lr(cfg) * x.grad * scale.view(-1, 1, 1, 1)
+    assert torch.allclose(d.images.detach(), expected, rtol=1e-5, atol=1e-6)
+    joint = distiller(digits, tiny_zoo, cfg.override({"distill.per_class_step": False}))
+    joint.step()  # one joint step: momentum buffer = grad, every class moves by lr * g_c once
+    assert torch.allclose(joint.images.detach(), x0 - image_lr(cfg) * x.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
@@ -304,3 +318,94 @@ def test_dm_step_on_mnist(mnist):
     terms = d.step()
     assert math.isfinite(terms["total"]) and terms["total"] == terms["proto"]
     assert not torch.equal(d.images.detach(), before)
+
+
+# --- the pool refresh, per-class steps and the run loop's hooks -----------------------------
+
+def _slot_history(d, steps):
+    """(real indices, draw) slot (0, 0) holds before each of `steps` iterations (M = K = 1)."""
+    seen = []
+    for _ in range(steps):
+        seen.append((torch.cat(d.pool.real_batch(0, 0)), d.pool.params(0, 0)))
+        d.step()
+    return seen
+
+
+def _same_draw(a, b) -> bool:
+    return a.ops == b.ops and all(torch.equal(getattr(a, f), getattr(b, f)) for f in
+                                  ("brightness", "crop", "cutout", "scale", "rotate") if getattr(a, f) is not None)
+
+
+@pytest.mark.parametrize("refresh", [0, 1, 2])
+def test_aug_refresh_redraws_a_slot_after_r_uses(digits, tiny_zoo, refresh):
+    """One zoo model and one slot, so every iteration uses slot (0, 0): R = 1 gives every use a new
+    real batch and a new draw (a cache fill each), R = 0 keeps the slot for the whole run."""
+    d = distiller(digits, tiny_zoo, config(distill__num_models=1, distill__aug_pool=1, distill__aug_refresh=refresh))
+    seen = _slot_history(d, 4)
+    changed = [not torch.equal(a[0], b[0]) for a, b in zip(seen, seen[1:])]
+    redrawn = [not _same_draw(a[1], b[1]) for a, b in zip(seen, seen[1:])]
+    expected = {0: [False] * 3, 1: [True] * 3, 2: [False, True, False]}[refresh]
+    assert changed == expected and redrawn == expected
+    assert d.cache.fills == 1 + sum(expected) and d.cache.hits == 3 - sum(expected)
+    assert d.pool.generation.tolist() == [[{0: 0, 1: 4, 2: 2}[refresh]]]
+
+
+def test_refreshed_slot_is_a_pure_function_of_its_generation(digits, tiny_zoo):
+    """Two runs agree slot by slot, and an evicted entry refills to the same bits (LRU cap)."""
+    cfg = config(distill__aug_refresh=1, distill__iterations=5)
+    free, capped = distiller(digits, tiny_zoo, cfg), distiller(digits, tiny_zoo, cfg)
+    capped.cache.max_bytes = 1  # keeps one entry: every other slot is recomputed when drawn again
+    for _ in range(5):
+        free.step(), capped.step()
+    assert torch.equal(free.images, capped.images) and torch.equal(free.pool.generation, capped.pool.generation)
+    assert len(capped.cache.entries) == 1
+
+
+def test_fast_per_class_steps_replay_the_reference_order(digits, tiny_zoo):
+    """After two iterations (momentum built up), one fast iteration with per-class steps equals C
+    optimiser steps taken one after another, step c with class c's gradient at the pixels of that
+    moment, computed by C separate forward passes (the reference's order)."""
+    cfg = config(distill__lambda2=0.0, distill__iterations=3)
+    fast = distiller(digits, tiny_zoo, cfg)
+    fast.step(), fast.step()
+    replay = distiller(digits, tiny_zoo, cfg)
+    replay.load_state_dict(copy.deepcopy(fast.state_dict()))  # the optimizer state holds live buffers
+    fast.step()
+    with torch.no_grad():
+        replay.images.clamp_(0, 1)  # as step() does first
+    m, net = replay.pick_network()
+    k = int(torch.randint(replay.pool.size, (), generator=replay.generator))
+    for c, s in enumerate(replay.class_slices):
+        loss, _, _ = replay.fast_class_losses(m, net, k)  # all classes at the current pixels
+        grad, = torch.autograd.grad(loss[c], replay.images)
+        assert grad[:s.start].abs().sum() == 0 and grad[s.stop:].abs().sum() == 0
+        replay.images.grad = grad
+        replay.optimizer.step()
+    assert torch.allclose(fast.images, replay.images, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fast.images, fast.per_class_pixels()), "momentum moved later classes"
+
+
+def test_hooks_report_window_averages_and_checkpoints(digits, tiny_zoo, tmp_path):
+    """Reports at multiples of log_every or checkpoint_every and at the end, each averaging exactly
+    the iterations since the previous one; the checkpoint hook sees the checkpoint file written."""
+    cfg = config(distill__iterations=7, distill__log_every=2, distill__checkpoint_every=3)
+    by_hand = distiller(digits, tiny_zoo, cfg)
+    totals = [by_hand.step()["total"] for _ in range(7)]
+    logs, ckpts, after, proxies = [], [], [], []
+    ckpt = tmp_path / "h.ckpt"
+
+    def on_checkpoint(metrics, step):
+        saved = safe_torch_load(ckpt, expect="dsdm-distill-checkpoint", what="checkpoint", fix="-")
+        ckpts.append((step, saved["state"]["iteration"], metrics))
+
+    hooks = RunHooks(log=lambda m, s: logs.append((s, m)), checkpoint=on_checkpoint, after_step=after.append,
+                     proxy=lambda d: proxies.append(d.iteration) or 0.5, proxy_every=3)
+    distiller(digits, tiny_zoo, cfg).run(checkpoint=ckpt, hooks=hooks)
+    assert [s for s, _ in logs] == [2, 3, 4, 6, 7] and after == list(range(1, 8))
+    bounds = [0, 2, 3, 4, 6, 7]
+    for (step, metrics), lo in zip(logs, bounds):
+        window = totals[lo:step]
+        assert metrics["loss/total"] == pytest.approx(sum(window) / len(window), rel=1e-6)
+    assert [(s, i) for s, i, _ in ckpts] == [(3, 3), (6, 6), (7, 7)]
+    assert ckpts[0][2] is logs[1][1], "the checkpoint hook gets that step's report"
+    assert proxies == [3, 6] and logs[1][1]["proxy_val_acc"] == 0.5 and "proxy_val_acc" not in logs[0][1]

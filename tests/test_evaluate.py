@@ -10,7 +10,8 @@ import dsdm.evaluate as ev
 from dsdm.config import EvalConfig
 from dsdm.coreset import select_coreset
 from dsdm.errors import DsdmError
-from dsdm.evaluate import PROTOCOLS, evaluate_set, get_protocol, merge_results, train_and_score
+from dsdm.evaluate import (OFFICIAL_RECIPES, PROTOCOLS, evaluate_set, get_protocol, match_ops, merge_results,
+                           official_recipe, train_and_score)
 from dsdm.train import accuracy
 
 CFG = EvalConfig(archs=("convnet3", "resnet10"), runs=2, epochs=2, seed=3)
@@ -68,7 +69,7 @@ def test_protocol_recipe_scales_milestones():
     # evaluation augmentation drops flip on digit data only
     assert "flip" in [o.value for o in dsdm.recipe("cifar10").ops]
     assert "flip" not in [o.value for o in dsdm.recipe("mnist").ops]
-    assert set(PROTOCOLS) == {"dsdm", "dm"}
+    assert set(PROTOCOLS) == {"dsdm", "dsdm-uniform", "dm"}
     with pytest.raises(DsdmError, match="protocol"):
         get_protocol("best")
 
@@ -111,3 +112,84 @@ def test_decoded_set_is_what_gets_trained(digits, monkeypatch):
     res = evaluate_set(s, digits, EvalConfig(runs=1, epochs=1), torch.device("cpu"))
     assert seen[0][0] == (40, 1, 8, 8) and seen[0][1] == s.labels.repeat_interleave(4).tolist()
     assert res["convnet3"]["mean"] == 25.0 and res["convnet3"]["val_mean"] == 50.0
+
+
+# --- the per-dataset recipe of protocol `dsdm` ----------------------------------------------------
+
+# (dataset, factor, ipc) -> (CutMix p, evaluation DSA ops, matching ops), as the official DSDM code
+# (Li-Hongcheng/DSDM argument.py + misc/reproduce.py under --reproduce) sets them.
+PINNED = {
+    ("mnist", 2, 10): (0.0, "color_crop_scale_rotate", "color_crop"),
+    ("mnist", 4, 1): (0.0, "color_crop_scale_rotate", "color_crop"),
+    ("mnist", 1, 10): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
+    ("digits", 2, 10): (0.0, "color_crop_scale_rotate", "color_crop"),
+    ("digits", 1, 10): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
+    ("fashionmnist", 2, 1): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
+    ("fashionmnist", 1, 10): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
+    ("svhn", 1, 1): (0.0, "color_crop_scale_rotate_cutout", "color_crop_cutout"),
+    ("svhn", 1, 10): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
+    ("svhn", 2, 1): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
+    ("cifar10", 2, 10): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
+    ("cifar100", 1, 50): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
+    ("speechcommands", 2, 10): (0.0, "", "color_crop_cutout"),
+    ("speechcommands", 1, 1): (0.0, "", "color_crop_cutout"),
+    ("bench", 2, 1): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
+}
+
+
+def _names(ops) -> str:
+    """Op names in application order (dsdm.augment.Op's declaration order)."""
+    from dsdm.augment import Op
+
+    return "_".join(o.value for o in Op if o in set(ops))
+
+
+@pytest.mark.parametrize("key", list(PINNED), ids=["-".join(map(str, k)) for k in PINNED])
+def test_official_recipe_rows(key):
+    cutmix, dsa, match = PINNED[key]
+    r = official_recipe(*key)
+    assert (r.cutmix_p, _names(r.eval_ops), _names(r.match_ops)) == (cutmix, dsa, match)
+    assert match_ops("dsdm", *key) == r.match_ops
+    uniform = get_protocol("dsdm-uniform").augmentation(*key)  # the recipe tables before 2026-12 used
+    assert uniform.cutmix_p == 0.5 and _names(uniform.match_ops) == "color_crop_cutout"
+
+
+def test_every_row_is_pinned():
+    """A row added to the table needs a line in PINNED (and a look at the official code)."""
+    covered = set()
+    for key in PINNED:
+        covered.add(next(i for i, row in enumerate(OFFICIAL_RECIPES)
+                         if row.matches(key[0].replace("-", ""), key[1], key[2])))
+    assert covered == set(range(len(OFFICIAL_RECIPES)))
+
+
+def _fake_dataset(name: str, kind: str):
+    from dsdm.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=g)
+    y = torch.arange(4).repeat_interleave(10)
+    return Dataset(name, kind, x, y, x[:4], y[:4], x[:4], y[:4], [str(c) for c in range(4)], (0.5,), (0.25,))
+
+
+@pytest.mark.parametrize("name,kind,factor,cutmix,ops", [
+    ("mnist", "image", 2, 0.0, "color_crop_scale_rotate"),
+    ("mnist", "image", 1, 0.5, "color_crop_scale_rotate"),
+    ("speechcommands", "speech", 2, 0.0, ""),
+], ids=["mnist-factor2", "mnist-factor1", "speech"])
+def test_cli_evaluate_resolves_the_recipe_of_the_set(name, kind, factor, cutmix, ops, tmp_path, monkeypatch):
+    """`python -m dsdm evaluate SET` trains with the recipe of the set's dataset and factor:
+    MNIST factor 2 without CutMix, speech with neither DSA nor CutMix."""
+    from dsdm import cli
+    from dsdm.synthetic import SyntheticSet, tile_grid
+
+    ds = _fake_dataset(name, kind)
+    grid = tile_grid(factor, kind)
+    synset = SyntheticSet(ds.train_x[::10].clone(), torch.arange(4), grid, name, ds.mean, ds.std)
+    path = synset.save(tmp_path / "set.pt")
+    recipes = []
+    monkeypatch.setattr(cli, "_dataset", lambda cfg: ds)
+    monkeypatch.setattr(ev, "train_and_score", lambda arch, x, y, d, recipe, *a, **k: recipes.append(recipe)
+                        or {"val": 0.5, "test": 0.5})
+    assert cli.main(["evaluate", str(path), "--budget", "smoke"]) == 0
+    assert recipes and all(r.cutmix_p == cutmix and _names(r.ops) == ops for r in recipes)

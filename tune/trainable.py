@@ -21,7 +21,7 @@ from ray import tune
 from dsdm import zoo as dsdm_zoo
 from dsdm.config import Config
 from dsdm.coreset import SELECTORS, select_coreset
-from dsdm.distill import Distiller
+from dsdm.distill import Distiller, RunHooks
 from dsdm.evaluate import evaluate_set
 from dsdm.synthetic import SyntheticSet
 from dsdm.train import resolve_device
@@ -89,8 +89,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
 
 def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, uri: str, run_id: str,
                              options: dict[str, Any]):
-    """Algorithm 1 under Tune: loss terms reported every log_every iterations, the distiller's
-    whole state checkpointed every checkpoint_every, resumed from Tune's last checkpoint."""
+    """Algorithm 1 under Tune: `Distiller.run` (the CLI's loop) with hooks that send every report
+    to MLflow and Tune (checkpoint steps with the distiller's state), resumed from Tune's last
+    checkpoint, and the named fault point after every iteration."""
     d = cfg.distill
     model_zoo = zoo.materialise(d.num_models, d.pretrain_epochs) if (zoo is not None and d.pretrained) else None
     distiller = Distiller(dataset, cfg, model_zoo, device)
@@ -100,33 +101,28 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
             distiller.load_checkpoint(Path(folder) / CHECKPOINT_FILE)
     resumed_from = distiller.iteration
     node = ray.get_runtime_context().get_node_id()
+    trial = tune.get_context().get_trial_id()
+    last_proxy = {"val": float("nan")}  # Optuna wants the objective in every report: the latest proxy, NaN before any
 
-    start, window, steps = time.time(), {}, 0
+    def tune_metrics(metrics: dict, it: int) -> dict:
+        last_proxy["val"] = metrics.get("proxy_val_acc", last_proxy["val"])
+        return {**metrics, "iteration": it, "resumed_from": resumed_from, "node": node, METRIC: last_proxy["val"]}
+
+    def log(metrics: dict, it: int) -> None:
+        tracking.log_metrics(uri, run_id, {**metrics, "iteration": it, "resumed_from": resumed_from}, step=it)
+        if not distiller.checkpoint_due(it):  # checkpoint steps report once, with the checkpoint
+            tune.report(tune_metrics(metrics, it))
+
+    def save(metrics: dict, it: int) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
+            tune.report(tune_metrics(metrics, it), checkpoint=tune.Checkpoint.from_directory(folder))
+
     proxy_every = int(options.get("proxy_every", 0))
-    last_proxy = float("nan")
-    while distiller.iteration < d.iterations:
-        for key, value in distiller.step().items():
-            window[key] = window.get(key, 0.0) + value
-        steps += 1
-        it = distiller.iteration
-        fault_point("trial_exit_at", it, trial=tune.get_context().get_trial_id(), resumed_from=resumed_from)
-        if it % d.log_every and it % d.checkpoint_every and it != d.iterations:
-            continue
-        metrics = {f"loss/{k}": v / steps for k, v in window.items()}
-        metrics.update(iteration=it, seconds=time.time() - start, resumed_from=resumed_from, node=node)
-        window, steps = {}, 0
-        if proxy_every and (it % proxy_every == 0):
-            last_proxy = proxy_accuracy(distiller, cfg, int(options.get("proxy_epochs", 5)), device)
-            metrics["proxy_val_acc"] = last_proxy
-        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "node"}, step=it)
-        # Optuna wants the objective in every report: the latest proxy, NaN before any exists
-        metrics[METRIC] = last_proxy
-        if it % d.checkpoint_every == 0 or it == d.iterations:
-            with tempfile.TemporaryDirectory() as folder:
-                distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        else:
-            tune.report(metrics)
+    hooks = RunHooks(log=log, checkpoint=save, proxy_every=proxy_every,
+                     proxy=lambda dist: proxy_accuracy(dist, cfg, int(options.get("proxy_epochs", 5)), device),
+                     after_step=lambda it: fault_point("trial_exit_at", it, trial=trial, resumed_from=resumed_from))
+    distiller.run(hooks=hooks)
     return distiller, resumed_from
 
 
