@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ablations.stats import EffectSpec
+from ablations.stats import EffectSpec, mean_ci, sweep_effect
 from dsdm.config import BUDGETS, Config, make_config
 from dsdm.errors import DsdmError
 from tune.search import check_storage, start_ray, trial_table, write_tables  # sets Tune's env defaults
@@ -216,7 +216,7 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
               effect: EffectSpec | None = None) -> SweepOutput:
     """Cells x seeds as one Tune run; one row per cell in RESULTS/<name>/<dataset>-ipc<N>.{md,parquet,png};
     `effect` names the sweep's effect (ablations/stats.py): its CI and verdict end the table."""
-    from ablations import report, stats
+    from ablations import report
 
     t0 = time.time()
     ipc = ipc if ipc is not None else parse_ints(args.ipc, "--ipc")[0]
@@ -236,7 +236,7 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
         runs = unit_runs(cells, ids, trials)
         verdict = ""
         if effect is not None:
-            table, verdict = stats.sweep_effect(table, runs, effect)
+            table, verdict = sweep_effect(table, runs, effect)
         meta = {"sweep": name, "dataset": cfg.data.dataset, "ipc": ipc, "budget": args.budget, "seeds": seeds,
                 "command": getattr(args, "command", ""), "wall_s": wall, "paper_setting": paper_setting,
                 "zoo": f"M={cfg.zoo.num_models} x E={list(cfg.zoo.snapshots)} ({'trained' if zoo_info['trained'] else 'reused'})",
@@ -387,8 +387,6 @@ def _run_index(key: str) -> int:
 def aggregate(cells: list[Cell], ids: dict[str, str], trials, paper: dict[str, float], budget: str, wall: float):
     """One row per cell: test mean, sd, 95% CI over seeds x eval runs, val mean, paper, time, session."""
     import pandas as pd
-
-    from ablations.stats import mean_ci
 
     rows = []
     for cell in cells:

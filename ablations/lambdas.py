@@ -97,7 +97,7 @@ def search_and_compare(args: argparse.Namespace, ipc: int):
     fix = {"M": base.distill.num_models, "E": base.distill.pretrain_epochs}
     zoo = {"zoo.num_models": str(base.zoo.num_models), "zoo.snapshots": ",".join(map(str, base.zoo.snapshots))}
     storage = check_storage(args.storage)
-    name = f"lambda_search-{base.data.dataset}-ipc{ipc}-{args.budget}"
+    name = f"lambda_optuna-{base.data.dataset}-ipc{ipc}-{args.budget}"  # Optuna trials; the comparison: lambda_search-*
     table = run_search(args, ipc, search_argv(args, ipc, name, fix, zoo), storage / name)
     done = table[table["status"] == "DONE"].sort_values("val_acc", ascending=False)
     if done.empty:

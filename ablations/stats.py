@@ -145,16 +145,14 @@ def sweep_effect(table, runs, spec: EffectSpec, n_boot: int = N_BOOT, seed: int 
         effect = bootstrap_slope(acc, xs, n_boot, seed)
         sign = spec.paper_sign
     elif spec.kind == "steps":
-        steps = [paired_difference(acc[:, i - 1], acc[:, i]) if len(acc) else _nan_effect() for i in range(1, len(labels))]
-        paper = [first.at[c, "paper"] for c in labels] if "paper" in first else [None] * len(labels)
-        signs = [_paper_sign(paper[i - 1], paper[i], spec.paper_sign) for i in range(1, len(labels))]
-        row = {c: (s, sg) for c, s, sg in zip(labels[1:], steps, signs)}
-        table["delta"] = [row[c][0].estimate if c in row else math.nan for c in table["cell"]]
-        table["delta_ci95_low"] = [row[c][0].low if c in row else math.nan for c in table["cell"]]
-        table["delta_ci95_high"] = [row[c][0].high if c in row else math.nan for c in table["cell"]]
-        table["delta_detectable"] = [row[c][0].detectable if c in row else math.nan for c in table["cell"]]
-        table["delta_verdict"] = [verdict(*row[c]) if c in row else "" for c in table["cell"]]
-        effect = paired_difference(acc[:, 0], acc[:, -1]) if len(acc) and len(labels) > 1 else _nan_effect()
+        paper = [first.at[c, "paper"] if "paper" in first else None for c in labels]
+        steps = {labels[i]: (paired_difference(acc[:, i - 1], acc[:, i]),
+                             _paper_sign(paper[i - 1], paper[i], spec.paper_sign)) for i in range(1, len(labels))}
+        for column, value in (("delta", lambda e: e.estimate), ("delta_ci95_low", lambda e: e.low),
+                              ("delta_ci95_high", lambda e: e.high), ("delta_detectable", lambda e: e.detectable)):
+            table[column] = [value(steps[c][0]) if c in steps else math.nan for c in table["cell"]]
+        table["delta_verdict"] = [verdict(*steps[c]) if c in steps else "" for c in table["cell"]]
+        effect = paired_difference(acc[:, 0], acc[:, -1]) if len(labels) > 1 else _nan_effect()
         sign = _paper_sign(paper[0], paper[-1], spec.paper_sign)
     else:
         raise ValueError(f"unknown effect kind '{spec.kind}'")
