@@ -127,7 +127,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--search", type=int, default=0, metavar="N",
                    help="instead of the grid: N Optuna trials over λ1/λ2 at the budget's M and E, then the best λ "
                         "against the paper's (50, 0.2), paired, on test")
-    p.add_argument("--search-seed", type=int, default=0, help="Optuna's TPE sampler seed (and the trials' distillation seed)")
+    p.add_argument("--search-seed", type=int, default=0,
+                   help="Optuna's TPE sampler seed (and the trials' distillation seed)")
     return p
 
 

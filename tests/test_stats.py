@@ -107,7 +107,8 @@ CASES = [(1.0, 0.2, False, "reproduced"), (-1.0, 0.2, False, "contradicted"), (0
 def test_slope_verdict_on_synthetic_sweeps(trend, noise, flat, expected):
     table, runs = synthetic_sweep(trend, noise, flat=flat)
     out, line = stats.sweep_effect(table, runs, stats.EffectSpec("log_slope", paper_sign=+1, what="E"))
-    assert line.startswith(f"verdict: {expected} — slope of test accuracy on ln(E)") and (out["verdict"] == expected).all()
+    assert line.startswith(f"verdict: {expected} — slope of test accuracy on ln(E)")
+    assert (out["verdict"] == expected).all()
     assert "smallest slope this budget detects with 80% power" in line
     if expected != "unresolved":
         assert out["effect"].iloc[0] == pytest.approx(trend, abs=0.3)  # the shared offsets cancel
