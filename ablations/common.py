@@ -8,8 +8,14 @@ numbers; `run_sweep` does the rest with `tune/`'s machinery (no second pipeline)
   2. the cells x seeds run as one Tune grid search over `run_cell` (which is
      `tune.trainable.run_trial` with the cell's overrides), recorded in MLflow under the
      experiment `dsdm-<dataset>-ipc<N>` and a parent run named after the sweep;
-  3. per cell: mean +- std of the ConvNet-3 test accuracy over seeds x evaluation runs,
-     the validation accuracy, the paper's value, written as md + parquet + a PNG.
+  3. per cell: mean, sd and 95% CI of the ConvNet-3 test accuracy over seeds x evaluation
+     runs, the validation accuracy, the paper's value, which invocation finished it, and
+     (when the sweep names one) the sweep's effect and verdict (ablations/stats.py), written
+     as md + parquet (+ the per-network values) + a PNG.
+
+Paired design: seed s of the grid is the distillation seed AND the evaluation seed of every
+cell (run_cell), so evaluation network r of seed s has the same initialisation, data order
+and augmentation draws in every cell; a unit (s, r) is comparable across cells.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ablations.stats import EffectSpec, mean_ci, sweep_effect
 from dsdm.config import BUDGETS, Config, make_config
 from dsdm.errors import DsdmError
 from tune.search import check_storage, start_ray, trial_table, write_tables  # sets Tune's env defaults
@@ -31,6 +38,8 @@ from tune.space import BUDGET_GRIDS
 
 ACC = "convnet3"  # run_trial evaluates ConvNet-3; cross-arch sweeps add their own
 WALL_FILE = "ablation-wall.json"  # in the Tune run folder: wall time of earlier invocations
+# Distillation seeds a sweep runs when --seeds is not given: paired statistics need >= 2.
+DEFAULT_SEEDS = {"resolve": "2"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,8 @@ def build_parser(prog: str, doc: str, dataset: str = "digits", ipc: str = "10") 
     p.add_argument("--dataset", default=dataset)
     p.add_argument("--ipc", default=ipc, help="images per class; several comma-separated (one table each)")
     p.add_argument("--budget", default="paper", choices=list(BUDGETS))
-    p.add_argument("--seeds", default="1", help="N (seeds 0..N-1) or a list '0,3,7'")
+    p.add_argument("--seeds", help="N (seeds 0..N-1) or a list '0,3,7'; each is the distillation and evaluation "
+                   "seed of every cell (paired); default 2 under --budget resolve, else 1")
     p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start Ray here")
     p.add_argument("--storage", type=Path, default=Path("runs"), help="Tune runs, the shared zoo, MLflow sqlite")
     p.add_argument("--results", type=Path, default=Path("results"), help="tables and plots go to RESULTS/<sweep>/")
@@ -118,6 +128,7 @@ def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParse
         argv: list[str] | None = None) -> int:
     """Parse, run, turn DsdmError into one line + exit code 2 (as every dsdm CLI does)."""
     args = parser.parse_args(argv)
+    args.seeds = args.seeds or DEFAULT_SEEDS.get(args.budget, "1")
     args.command = " ".join(["python -m", parser.prog.split()[-1], *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
     try:
         run(args)
@@ -188,17 +199,23 @@ def run_cell(config: dict[str, Any], *, cells: dict[str, dict], base: dict[str, 
     """The sweep's trainable: run_trial with the cell's overrides and the seed."""
     from tune.trainable import run_trial
 
-    seed = int(config["seed"])
-    run_trial({**cells[config["cell"]], "distill.seed": seed, "eval.seed": seed},
+    run_trial({**cells[config["cell"]], **paired_seeds(int(config["seed"]))},
               base=base, data=data, zoo=zoo, options=options)
+
+
+def paired_seeds(seed: int) -> dict[str, int]:
+    """Grid seed -> the cell's seeds: the same in every cell, so cells differ only by their overrides."""
+    return {"distill.seed": seed, "eval.seed": seed}
 
 
 # --- the sweep ----------------------------------------------------------------------------------
 def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dict[str, float] | None = None,
               paper_setting: str | None = None, ipc: int | None = None, proxy_every: int = 0,
               notes: list[str] | None = None, stem: str | None = None,
-              paper_curve: dict[float, float] | None = None, proxy_epochs: int = 0) -> SweepOutput:
-    """Cells x seeds as one Tune run; one row per cell in RESULTS/<name>/<dataset>-ipc<N>.{md,parquet,png}."""
+              paper_curve: dict[float, float] | None = None, proxy_epochs: int = 0,
+              effect: EffectSpec | None = None) -> SweepOutput:
+    """Cells x seeds as one Tune run; one row per cell in RESULTS/<name>/<dataset>-ipc<N>.{md,parquet,png};
+    `effect` names the sweep's effect (ablations/stats.py): its CI and verdict end the table."""
     from ablations import report
 
     t0 = time.time()
@@ -206,8 +223,7 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
     seeds = parse_seeds(args.seeds)
     cfg, diffs = sweep_configs(args.budget, common_overrides(args, ipc), cells)
     ids = cell_ids(cells)
-    storage = check_storage(args.storage)
-    path = storage / f"{name}-{cfg.data.dataset}-ipc{ipc}-{args.budget}"
+    path = sweep_path(check_storage(args.storage), name, cfg.data.dataset, ipc, args.budget)
     print(f"{name}: {len(ids)} cells x {len(seeds)} seeds on {cfg.data.dataset} IPC {ipc}, budget {args.budget}; "
           f"cells: {', '.join(dict.fromkeys(c.label for c in cells))}; zoo M={cfg.zoo.num_models} "
           f"E={list(cfg.zoo.snapshots)}", flush=True)
@@ -217,16 +233,26 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
         results, trials, dataset, zoo_info = run["results"], run["trials"], run["dataset"], run["zoo_info"]
         wall = time.time() - t0 + run["earlier_wall_s"]
         table = aggregate(cells, ids, trials, paper or {}, args.budget, wall)
+        runs = unit_runs(cells, ids, trials)
+        verdict = ""
+        if effect is not None:
+            table, verdict = sweep_effect(table, runs, effect)
         meta = {"sweep": name, "dataset": cfg.data.dataset, "ipc": ipc, "budget": args.budget, "seeds": seeds,
                 "command": getattr(args, "command", ""), "wall_s": wall, "paper_setting": paper_setting,
                 "zoo": f"M={cfg.zoo.num_models} x E={list(cfg.zoo.snapshots)} ({'trained' if zoo_info['trained'] else 'reused'})",
-                "cfg": cfg, "notes": notes or [], "paper_curve": paper_curve}
-        files = report.write_sweep(table, Path(args.results) / name / (stem or f"{cfg.data.dataset}-ipc{ipc}"), meta)
+                "cfg": cfg, "notes": notes or [], "paper_curve": paper_curve, "verdict": verdict}
+        files = report.write_sweep(table, Path(args.results) / name / (stem or f"{cfg.data.dataset}-ipc{ipc}"), meta,
+                                   runs)
         _finish_parent(run["uri"], run["parent"], files, wall)
     print(report.markdown(table, meta))
     print(f"tables: {files['md']} {files['parquet']}\nplot: {files['png']}\nwall time: {wall:.1f}s", flush=True)
     return SweepOutput(table, trials, results, cfg, dataset, zoo_info, files, wall,
                        {k: run[k] for k in ("uri", "experiment_id", "parent", "search_id")})
+
+
+def sweep_path(storage: Path, name: str, dataset: str, ipc: int, budget: str) -> Path:
+    """The sweep's Tune run folder under --storage."""
+    return storage / f"{name}-{dataset}-ipc{ipc}-{budget}"
 
 
 def proxy_epochs_default(cfg: Config) -> int:
@@ -248,6 +274,7 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
     if args.resume and not tune.Tuner.can_restore(str(path)):
         raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
     started = time.time()
+    sessions = start_session(path, args.resume, getattr(args, "command", ""))
     dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
     storage = path.parent
     uri = args.mlflow_uri or tracking.default_uri(storage)
@@ -285,6 +312,8 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
     earlier = _earlier_wall(path, args.resume)
     (path / WALL_FILE).write_text(json.dumps({"wall_s": earlier + time.time() - started}))
     trials = with_runs(trial_table(results, ["cell", "seed"]), results)
+    trials["session"] = [session_of(sessions, t) if s == "DONE" else None
+                         for t, s in zip(trials["finished"], trials["status"])]
     write_tables(trials, path)  # per-trial table next to the Tune run, as tune.search does
     return {"results": results, "trials": trials, "dataset": dataset, "zoo_info": zoo_info,
             "uri": uri, "parent": parent, "experiment_id": experiment_id, "search_id": str(path),
@@ -300,13 +329,54 @@ def _earlier_wall(path: Path, resume: bool) -> float:
 
 
 def with_runs(trials, results):
-    """Add each trial's per-network test accuracies (acc_run<i>/convnet3) to the trial table."""
-    runs = {}
+    """Add each trial's per-network test accuracies (acc_run<i>/convnet3, in run order) and the
+    time of its last report (Tune's `timestamp`) to the trial table."""
+    runs, finished = {}, {}
     for r in results:
         m = r.metrics or {}
         runs[m.get("trial_id")] = [m[k] for k in sorted(m, key=_run_index) if k.startswith("acc_run") and k.endswith(f"/{ACC}")]
+        finished[m.get("trial_id")] = m.get("timestamp")
     trials["test_runs"] = [runs.get(t, []) for t in trials["trial_id"]]
+    trials["finished"] = [finished.get(t) for t in trials["trial_id"]]
     return trials
+
+
+def start_session(path: Path, resume: bool, command: str) -> list[dict]:
+    """Append this invocation to the sweep's session ledger (next to its Tune folder, so a fresh
+    run that dies early leaves no folder behind); returns every session so far."""
+    ledger = path.parent / f"{path.name}.sessions.json"
+    sessions = []
+    if resume:
+        with contextlib.suppress(OSError, ValueError):
+            sessions = list(json.loads(ledger.read_text()))
+    sessions.append({"session": len(sessions) + 1, "started": time.time(), "command": command})
+    tmp = ledger.with_name(f".{ledger.name}.tmp")
+    tmp.write_text(json.dumps(sessions, indent=1))
+    tmp.replace(ledger)
+    return sessions
+
+
+def session_of(sessions: list[dict], finished: float | None) -> int | None:
+    """The invocation during which a trial sent its last report (the latest started before it)."""
+    if finished is None or finished != finished:
+        return None
+    started = [s["session"] for s in sessions if s["started"] <= float(finished) + 1]  # Tune's stamp is whole seconds
+    return max(started) if started else sessions[0]["session"]
+
+
+def unit_runs(cells: list[Cell], ids: dict[str, str], trials):
+    """One row per (cell, seed, evaluation network) of finished trials: the paired units the
+    statistics resample (unit 's<seed>r<run>' is the same networks' seeds in every cell)."""
+    import pandas as pd
+
+    rows = []
+    for label, key in dict.fromkeys((c.label, c.key) for c in cells):
+        done = trials[(trials["cell"] == ids[key]) & (trials["status"] == "DONE")]
+        for _, t in done.iterrows():
+            for run, acc in enumerate(t["test_runs"]):
+                rows.append({"cell": label, "seed": int(t["seed"]), "run": run, "unit": f"s{int(t['seed'])}r{run}",
+                             "test": float(acc), "trial_id": t["trial_id"], "session": t.get("session")})
+    return pd.DataFrame(rows, columns=["cell", "seed", "run", "unit", "test", "trial_id", "session"])
 
 
 def _run_index(key: str) -> int:
@@ -315,15 +385,17 @@ def _run_index(key: str) -> int:
 
 
 def aggregate(cells: list[Cell], ids: dict[str, str], trials, paper: dict[str, float], budget: str, wall: float):
-    """One row per cell: test mean +- std over seeds x eval runs, val mean, paper, time."""
+    """One row per cell: test mean, sd, 95% CI over seeds x eval runs, val mean, paper, time, session."""
     import pandas as pd
 
     rows = []
     for cell in cells:
         done = trials[(trials["cell"] == ids[cell.key]) & (trials["status"] == "DONE")]
         tests = [a for runs in done["test_runs"] for a in runs]
+        sessions = sorted({int(s) for s in done.get("session", []) if s is not None and s == s})
         rows.append({"group": cell.group, "cell": cell.label, "x": cell.x, "xscale": cell.xscale,
-                     **summary(tests, "test"), **summary(list(done["val_acc"]), "val"),
+                     **mean_ci(tests), **summary(tests, "test"), **summary(list(done["val_acc"]), "val"),
+                     "session": ",".join(map(str, sessions)),
                      "paper": paper.get(cell.label), "trials": len(done),
                      "failed": int((trials["cell"] == ids[cell.key]).sum() - len(done)),
                      "trial_s": float(done["seconds"].sum()), "distill_s": _total(done, "distill_s"),

@@ -2,17 +2,35 @@
 lambda2 (weight of L_h) at lambda1 = 50 (the paper's lambda figures).
 
 The shared point (50, 0.2) is trained once and appears in both panels. `smoke` keeps two
-values per axis so the test stays short; `cpu` and `paper` run the paper's grids.
+values per axis so the test stays short; the other budgets run the paper's grids.
+
+`--search N` asks instead which λ is best at this budget: N Optuna trials (TPE, seeded by
+`--search-seed`) over λ1 / λ2 with M and E fixed at the budget's values (`tune.search`,
+selected on the validation split), then the best trial's λ against the paper's defaults
+(λ1 = 50, λ2 = 0.2) as a paired sweep of two cells (every seed x evaluation network in both),
+reported on the test split with the paired difference, its CI and the verdict:
+
+    python -m ablations.lambdas --dataset fashionmnist --budget resolve --search 12 \\
+        --data-root ../shared/data --offline --storage runs/resolve --num-cpus 2
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import sys
+from pathlib import Path
 
-from ablations.common import Cell, build_parser, cli, for_each_ipc, run_sweep
+from ablations.common import (Cell, build_parser, cli, common_overrides, for_each_ipc, parse_ints, ray_session,
+                              run_sweep, sweep_configs, sweep_path)
+from ablations.stats import EffectSpec
+from dsdm.errors import DsdmError
+from tune.search import check_storage
 
 LAMBDA1 = (0.01, 10.0, 50.0, 100.0)
 LAMBDA2 = (0.0, 0.1, 0.2, 0.5, 1.0)
 SMOKE = ((0.01, 50.0), (0.0, 0.2))
+DEFAULTS = {"distill.lambda1": 50.0, "distill.lambda2": 0.2}  # the paper's
+SEARCH_EFFECT = EffectSpec("steps", paper_sign=+1, claim="the searched λ beats the paper's defaults")
 
 
 def cells(budget: str) -> list[Cell]:
@@ -24,13 +42,98 @@ def cells(budget: str) -> list[Cell]:
     return out
 
 
+def comparison_cells(lambda1: float, lambda2: float) -> list[Cell]:
+    """The paper's defaults first, the search's choice second: the effect is choice minus defaults."""
+    group = "paper defaults vs the search's λ"
+    return [Cell("paper defaults (λ1=50, λ2=0.2)", dict(DEFAULTS), group=group),
+            Cell(f"search best (λ1={lambda1:.4g}, λ2={lambda2:.4g})",
+                 {"distill.lambda1": float(lambda1), "distill.lambda2": float(lambda2)}, group=group)]
+
+
+# --- --search N -------------------------------------------------------------------------------------
+def search_argv(args: argparse.Namespace, ipc: int, name: str, fix: dict[str, int], zoo: dict[str, str]) -> list[str]:
+    """tune.search's command line: the sweep's flags, M and E fixed, the sweeps' shared zoo."""
+    argv = ["--dataset", args.dataset, "--ipc", str(ipc), "--budget", args.budget, "--num-samples", str(args.search),
+            "--storage", str(args.storage), "--local-dir", str(args.storage), "--name", name,
+            "--seed", str(args.search_seed), "--cross-arch", "none", "--max-failures", str(args.max_failures),
+            "--trial-cpus", str(args.trial_cpus), "--trial-gpus", str(args.trial_gpus),
+            "--zoo-cpus", str(args.zoo_cpus), "--zoo-gpus", str(args.zoo_gpus),
+            "--fix", *(f"{k}={v}" for k, v in fix.items())]
+    for flag, value in (("--data-root", args.data_root), ("--address", args.address), ("--num-cpus", args.num_cpus),
+                        ("--mlflow-uri", args.mlflow_uri)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.offline:
+        argv.append("--offline")
+    for pair in [*args.set, *(f"{k}={v}" for k, v in zoo.items())]:
+        argv += ["--set", pair]
+    return argv
+
+
+def run_search(args: argparse.Namespace, ipc: int, argv: list[str], path: Path):
+    """The Optuna search (resumed or reused under --resume); its trial table, best first by val."""
+    import pandas as pd
+
+    from tune import search as tune_search
+
+    table_file = path / "trials.parquet"
+    if args.resume and table_file.is_file():
+        table = pd.read_parquet(table_file)
+        if (table["status"] == "DONE").sum() >= args.search:
+            print(f"lambdas: the search at '{path}' is complete; reusing its {len(table)} trials", flush=True)
+            return table
+    if args.resume and path.exists():
+        argv = [*argv, "--resume"]
+    return tune_search.run_search(tune_search.build_parser().parse_args(argv))["table"]
+
+
+def search_and_compare(args: argparse.Namespace, ipc: int):
+    import ray
+
+    if ray.is_initialized():
+        raise DsdmError("--search runs tune.search, which starts Ray itself; call it without a Ray session "
+                        "(or pass --address to use a cluster)")
+    base, _ = sweep_configs(args.budget, common_overrides(args, ipc), comparison_cells(50.0, 0.2))
+    fix = {"M": base.distill.num_models, "E": base.distill.pretrain_epochs}
+    zoo = {"zoo.num_models": str(base.zoo.num_models), "zoo.snapshots": ",".join(map(str, base.zoo.snapshots))}
+    storage = check_storage(args.storage)
+    name = f"lambda_optuna-{base.data.dataset}-ipc{ipc}-{args.budget}"  # Optuna trials; the comparison: lambda_search-*
+    table = run_search(args, ipc, search_argv(args, ipc, name, fix, zoo), storage / name)
+    done = table[table["status"] == "DONE"].sort_values("val_acc", ascending=False)
+    if done.empty:
+        raise DsdmError(f"no trial of the search at '{storage / name}' finished; rerun with --resume")
+    best = done.iloc[0]
+    grid = comparison_cells(float(best["lambda1"]), float(best["lambda2"]))
+    notes = [f"λ chosen by {len(done)} Optuna TPE trials (sampler seed {args.search_seed}) over λ1 / λ2 at M = "
+             f"{fix['M']}, E = {fix['E']}, ranked by validation accuracy (search table: "
+             f"`{storage / name / 'trials.md'}`); best trial {best['trial_id']}: val {best['val_acc']:.2f}. "
+             "Both cells below are then re-run with the same seeds (paired); the verdict uses the test split."]
+    sweep_args = copy.copy(args)
+    sweep_args.resume = args.resume and sweep_path(storage, "lambda_search", base.data.dataset, ipc,
+                                                   args.budget).exists()
+    with ray_session(sweep_args):
+        return run_sweep("lambda_search", grid, sweep_args, {}, ipc=ipc, notes=notes, effect=SEARCH_EFFECT)
+
+
 def run(args):
+    if args.search:
+        return [search_and_compare(args, ipc) for ipc in parse_ints(args.ipc, "--ipc")]
     note = "The spec quotes no numbers for the paper's λ plots, so there is no paper column."
     return for_each_ipc(args, lambda ipc: run_sweep("lambdas", cells(args.budget), args, {}, ipc=ipc, notes=[note]))
 
 
+def parser() -> argparse.ArgumentParser:
+    p = build_parser("python -m ablations.lambdas", __doc__)
+    p.add_argument("--search", type=int, default=0, metavar="N",
+                   help="instead of the grid: N Optuna trials over λ1/λ2 at the budget's M and E, then the best λ "
+                        "against the paper's (50, 0.2), paired, on test")
+    p.add_argument("--search-seed", type=int, default=0,
+                   help="Optuna's TPE sampler seed (and the trials' distillation seed)")
+    return p
+
+
 def main(argv=None) -> int:
-    return cli(run, build_parser("python -m ablations.lambdas", __doc__), argv)
+    return cli(run, parser(), argv)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,20 @@ def budget_line(cfg: Config) -> str:
 
 def fmt(mean: float, std: float) -> str:
     return "–" if mean != mean else f"{mean:.2f} ± {std:.2f}"
+
+
+def fmt_ci(low: float, high: float) -> str:
+    return "–" if low != low else f"{low:.2f} to {high:.2f}"
+
+
+def protocol_line(cfg: Config) -> str:
+    """The evaluation protocol by name and what it is (dsdm.evaluate.PROTOCOLS)."""
+    from dsdm.evaluate import get_protocol
+
+    recipe = get_protocol(cfg.eval.protocol).recipe(cfg.data.dataset, cfg.eval.epochs)
+    return (f"evaluation protocol `{cfg.eval.protocol}`: fresh ConvNet-3s, {recipe.epochs} epochs, batch "
+            f"{recipe.batch_size}, lr {recipe.lr} x{recipe.gamma} at epochs {list(recipe.milestones)}, CutMix p "
+            f"{recipe.cutmix_p}, DSA per sample; final-epoch accuracy")
 
 
 PAPER_NAMES = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "svhn": "SVHN", "cifar10": "CIFAR-10",
@@ -51,6 +66,13 @@ def display_table(table, meta: dict):
         out["sweep"] = table["group"]
     out["setting"] = table["cell"]
     out["test acc (%)"] = [fmt(m, s) for m, s in zip(table["test_mean"], table["test_std"])]
+    if "ci95_low" in table:
+        out["95% CI of the mean"] = [fmt_ci(lo, hi) for lo, hi in zip(table["ci95_low"], table["ci95_high"])]
+    if "delta" in table:  # Table 4: each row minus the previous one, paired
+        out["Δ vs previous row (95% CI)"] = [
+            "" if d != d else f"{d:+.2f} ({fmt_ci(lo, hi)})"
+            for d, lo, hi in zip(table["delta"], table["delta_ci95_low"], table["delta_ci95_high"])]
+        out["verdict"] = table["delta_verdict"]
     if table["paper"].notna().any():
         out[paper_column(meta)] = ["–" if p is None or p != p else f"{p:.1f}" for p in table["paper"]]
     # val: each trial reports its nets' mean, so a spread exists only across seeds
@@ -62,17 +84,22 @@ def display_table(table, meta: dict):
         out["distil / eval (s)"] = [f"{d:.0f} / {e:.0f}" for d, e in zip(table["distill_s"], table["eval_s"])]
     if table["failed"].any():
         out["failed trials"] = table["failed"]
+    if "session" in table:  # which invocation (1 = the first, 2 = the first --resume, ...) finished the cell
+        out["session"] = table["session"]
     return out
 
 
 def markdown(table, meta: dict) -> str:
     lines = [f"**{meta['sweep']}** on {meta['dataset']}, IPC {meta['ipc']}; {budget_line(meta['cfg'])}; "
              f"seeds {meta['seeds']}; zoo {meta['zoo']}; wall time {meta['wall_s']:.0f} s.",
-             "ConvNet-3 test accuracy, final epoch, mean ± std over seeds x evaluation nets; "
-             "val = the same nets on the held-out validation split (± over seeds).", *meta.get("notes", [])]
+             f"ConvNet-3 test accuracy, final epoch, mean ± std over seeds x evaluation nets, with the t-based "
+             f"95% CI of the mean; {protocol_line(meta['cfg'])}. Seed s is every cell's distillation and evaluation "
+             "seed (paired). val = the same nets on the held-out validation split (± over seeds); session = the "
+             "invocation that finished the cell (2 and up: --resume).", *meta.get("notes", [])]
     if meta.get("command"):
         lines.append(f"Command: `{meta['command']}`")
-    return "\n".join(lines) + "\n\n" + display_table(table, meta).to_markdown(index=False) + "\n"
+    text = "\n".join(lines) + "\n\n" + display_table(table, meta).to_markdown(index=False) + "\n"
+    return text + (f"\n{meta['verdict']}\n" if meta.get("verdict") else "")
 
 
 def _atomic(path: Path, write) -> Path:
@@ -82,23 +109,37 @@ def _atomic(path: Path, write) -> Path:
     return path
 
 
-def write_sweep(table, stem: Path, meta: dict) -> dict[str, Path]:
-    """stem.md, stem.parquet and stem.png, each replaced atomically."""
+def write_sweep(table, stem: Path, meta: dict, runs=None) -> dict[str, Path]:
+    """stem.md, stem.parquet, stem.png and (given the per-network values) stem-runs.parquet,
+    each replaced atomically."""
     stem.parent.mkdir(parents=True, exist_ok=True)
+    cfg = meta["cfg"]
     frame = table.assign(sweep=meta["sweep"], dataset=meta["dataset"], ipc=meta["ipc"],
-                         paper_setting=meta.get("paper_setting") or "", command=meta.get("command", ""))
+                         paper_setting=meta.get("paper_setting") or "", command=meta.get("command", ""),
+                         protocol=cfg.eval.protocol, eval_epochs=cfg.eval.epochs, eval_runs=cfg.eval.runs,
+                         seeds=",".join(map(str, meta["seeds"])), verdict_line=meta.get("verdict", ""))
     md = _atomic(stem.with_suffix(".md"), lambda p: p.write_text(markdown(table, meta)))
     pq = _atomic(stem.with_suffix(".parquet"), lambda p: frame.to_parquet(p, engine="pyarrow", index=False))
     png = _atomic(stem.with_suffix(".png"), lambda p: plot_sweep(table, p, meta))
-    return {"md": md, "parquet": pq, "png": png}
+    files = {"md": md, "parquet": pq, "png": png}
+    if runs is not None:
+        files["runs"] = _atomic(stem.with_name(f"{stem.name}-runs.parquet"),
+                                lambda p: runs.to_parquet(p, engine="pyarrow", index=False))
+    return files
 
 
 def plot_sweep(table, path: Path, meta: dict) -> Path:
-    """One panel per group: accuracy vs x (error bars over seeds x nets) like Figure 5, or bars."""
+    """One panel per group: accuracy vs x with 95% CI error bars like Figure 5, or bars; the
+    paper's CIFAR-10 curve in a panel of its own (its shape, not its level, is comparable);
+    the verdict line as the caption."""
     groups = list(dict.fromkeys(table["group"]))
     curve = meta.get("paper_curve")  # the paper's whole curve gets a panel of its own
-    fig, axes = plt.subplots(1, len(groups) + bool(curve), figsize=(4.2 * (len(groups) + bool(curve)), 3.4),
-                             squeeze=False)
+    panels = len(groups) + bool(curve)
+    width = max(6.4, 4.2 * panels)
+    caption = textwrap.fill(meta.get("verdict", ""), width=int(18 * width))  # ~18 characters of 7 pt per inch
+    lines = caption.count("\n") + 1 if caption else 0
+    height = 3.4 + 0.13 * lines
+    fig, axes = plt.subplots(1, panels, figsize=(width, height), squeeze=False)
     for ax, group in zip(axes[0], groups):
         rows = table[table["group"] == group]
         _panel(ax, rows, meta, group)
@@ -106,41 +147,56 @@ def plot_sweep(table, path: Path, meta: dict) -> Path:
         xs, ys = zip(*sorted(curve.items()))
         ax = axes[0][-1]
         ax.plot(xs, ys, "s--", color="tab:gray")
+        ax.set_xscale(table["xscale"].iloc[0])
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(groups[0].split(" (")[0])  # the paper's own M/E, not ours
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"paper: {meta.get('paper_setting') or meta['dataset']}", fontsize=9)
+        ax.set_ylabel("paper's test accuracy (%)")
+        ax.set_title(f"paper, {meta.get('paper_setting') or meta['dataset']}\n(for its shape only)", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{meta['sweep']}: {meta['dataset']} IPC {meta['ipc']} (budget {meta['budget']})", fontsize=10)
-    fig.tight_layout()
+    cfg = meta["cfg"]
+    fig.suptitle(f"{meta['sweep']}: {meta['dataset']} IPC {meta['ipc']} (budget {meta['budget']}, "
+                 f"{cfg.eval.protocol} protocol, {cfg.eval.epochs or 'full'} epochs)", fontsize=10)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.13 * lines / height + (0.02 if lines else 0), 1, 1))
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return path
 
 
+def ci_errors(rows) -> list:
+    """Error bars from the 95% CI of the mean (none where it is undefined, n < 2)."""
+    if "ci95_low" not in rows:
+        return [rows["test_std"].fillna(0).tolist()] * 2
+    return [(rows["test_mean"] - rows["ci95_low"]).fillna(0).tolist(),
+            (rows["ci95_high"] - rows["test_mean"]).fillna(0).tolist()]
+
+
 def _panel(ax, rows, meta: dict, group: str) -> None:
     numeric = rows["x"].notna().all()
     xs = list(rows["x"]) if numeric else list(range(len(rows)))
+    err = ci_errors(rows)
     if numeric:
-        ax.errorbar(xs, rows["test_mean"], yerr=rows["test_std"], marker="o", capsize=3, label="ours")
+        ax.errorbar(xs, rows["test_mean"], yerr=err, marker="o", capsize=3, label="ours (95% CI)")
         ax.set_xscale(rows["xscale"].iloc[0])
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.set_xlabel(group or "setting")
     else:
-        ax.bar(xs, rows["test_mean"], yerr=rows["test_std"], capsize=3, color="tab:blue", alpha=0.8, label="ours")
+        ax.bar(xs, rows["test_mean"], yerr=err, capsize=3, color="tab:blue", alpha=0.8, label="ours (95% CI)")
         ax.set_xticks(xs, list(rows["cell"]), rotation=20, ha="right", fontsize=8)
         finite = [v for v in rows["test_mean"] if v == v]
         if finite:
-            low = min(finite) - max(list(rows["test_std"].fillna(0))) - 2
+            low = min(finite) - max(err[0]) - 2
             ax.set_ylim(max(0.0, low), min(100.0, max(finite) + 3))
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     paper = [(x, p) for x, p in zip(xs, rows["paper"]) if p is not None and not math.isnan(p)]
     if paper and not meta.get("paper_curve"):
         target = ax if comparable(meta) else ax.twinx()
-        target.plot(*zip(*paper), "s--", color="tab:gray", label=paper_column(meta).replace(" (%)", ""))
+        target.plot(*zip(*paper), "s--", color="tab:gray", label=paper_column(meta).replace(" (%)", "")
+                    + ("" if target is ax else ", shape only"))
         if target is not ax:
-            target.set_ylabel(f"paper: {meta['paper_setting']} (%)", color="tab:gray")
+            target.set_ylabel(f"paper: {meta['paper_setting']} (%, own axis)", color="tab:gray")
             target.legend(loc="lower right", fontsize=7)
     ax.legend(loc="upper left", fontsize=7)
 

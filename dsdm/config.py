@@ -202,6 +202,16 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "distill.aug_pool": 8, "distill.log_every": 20, "distill.checkpoint_every": 50,
         "eval.runs": 3, "eval.epochs": 50,
     },
+    # Sweeps that resolve their effects on FashionMNIST in a working session on 2 CPU cores
+    # (docs/results.md: measured pieces and wall time per sweep): one zoo for the E and M
+    # sweeps, 1000 fast-path iterations, 300-epoch DSDM-protocol evaluation, 5 nets x 2 seeds.
+    "resolve": {
+        "zoo.num_models": 8, "zoo.snapshots": (1, 2, 5, 10), "zoo.max_per_class": 500,
+        "distill.num_models": 8, "distill.pretrain_epochs": 10,
+        "distill.iterations": 1000, "distill.warmup": 200, "distill.batch_real": 128,
+        "distill.log_every": 50, "distill.checkpoint_every": 250,
+        "eval.protocol": "dsdm", "eval.runs": 5, "eval.epochs": 300,
+    },
     # Seconds: exercises every code path on tiny data; the numbers mean nothing.
     "smoke": {
         "zoo.num_models": 2, "zoo.snapshots": (1,), "zoo.max_per_class": 50,

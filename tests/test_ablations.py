@@ -1,8 +1,10 @@
 """Every sweep of `ablations/` at --budget smoke on digits, in one process and one Ray session.
 
-Slow tests share a module-scoped Ray (2 CPUs), one storage folder (so the smoke zoo is
-trained once and reused by every sweep) and tiny overrides; each checks its table has every
-cell of its grid and that the plot exists. The fast tests check the grids and configs.
+Slow tests share a module-scoped Ray (2 CPUs), one storage folder whose smoke zoo the
+`pretrain_epochs` sweep trains first (in the `dirs` fixture, so every sweep after it reuses
+the zoo whatever order the tests run in) and tiny overrides; each checks its table has every
+cell of its grid and that the plot exists. Each test passes alone and in any order: a sweep
+two tests read runs once in a module-scoped fixture. The fast tests check grids and configs.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ablations import common, components, cross_arch, figures, lambdas, methods, model_count, pretrain_epochs, speech
+from ablations import (common, components, cross_arch, figures, lambdas, methods, model_count, pretrain_epochs, speech,
+                       stats)
 from tests.conftest import SHARED
 
 TINY = ["--set", "distill.iterations=2", "--set", "eval.epochs=1", "--set", "eval.runs=1"]
+PAIRED = ["--seeds", "2", "--set", "eval.runs=2"]  # 2 seeds x 2 nets: 4 paired units per cell, CIs defined
+STATS_COLUMNS = ["mean", "sd", "ci95_low", "ci95_high", "n"]
 
 
 # --- fast: grids, configs, statistics ------------------------------------------------------------
@@ -58,6 +63,30 @@ def test_summary_and_pooled_statistics():
     assert (mean, n) == (pytest.approx(ref.mean()), 5) and std == pytest.approx(ref.std())
 
 
+def test_resolve_budget_serves_both_sweeps_from_one_zoo():
+    assert [c.x for c in pretrain_epochs.cells("resolve")] == [1, 2, 5, 10]
+    assert [c.x for c in model_count.cells("resolve")] == [1, 2, 4, 8]
+    assert all(c.overrides["distill.num_models"] == 8 for c in pretrain_epochs.cells("resolve"))
+    assert all(c.overrides["distill.pretrain_epochs"] == 10 for c in model_count.cells("resolve"))
+    zoos = {common.sweep_configs("resolve", {"data.dataset": "fashionmnist"}, cells)[0].zoo
+            for cells in (pretrain_epochs.cells("resolve"), model_count.cells("resolve"), components.cells(),
+                          lambdas.comparison_cells(1.0, 0.5))}
+    assert len(zoos) == 1 and zoos.pop().snapshots == (1, 2, 5, 10)
+    cfg = common.make_config("resolve", {"data.dataset": "fashionmnist"})
+    assert cfg.distill.iterations >= 1000 and cfg.distill.fast and cfg.eval.epochs >= 300
+    seeds = common.parse_seeds(common.DEFAULT_SEEDS["resolve"])
+    assert cfg.eval.protocol == "dsdm" and len(seeds) >= 2 and cfg.eval.runs * len(seeds) == 10  # nets per cell
+
+
+def test_every_cell_gets_the_same_seeds():
+    """The paired design: grid seed s is the distillation and evaluation seed of every cell."""
+    assert common.paired_seeds(3) == {"distill.seed": 3, "eval.seed": 3}
+    parsed = []
+    common.cli(lambda a: parsed.append(a.seeds), common.build_parser("x", "doc"), ["--budget", "resolve"])
+    common.cli(lambda a: parsed.append(a.seeds), common.build_parser("x", "doc"), ["--budget", "cpu"])
+    assert parsed == ["2", "1"]  # >= 2 distillation seeds by default where the statistics need them
+
+
 def test_seeds_and_ipc_parsing():
     assert common.parse_seeds("3") == [0, 1, 2]
     assert common.parse_seeds("4,7") == [4, 7]
@@ -80,8 +109,18 @@ def ray_two_cpus():
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, ray_two_cpus):
+    """(storage, results) with the pretrain_epochs sweep done: it trained the smoke zoo."""
     root = tmp_path_factory.mktemp("ablations")
-    return root / "runs", root / "results"
+    out = root / "runs", root / "results"
+    assert sweep(pretrain_epochs, out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def components_run(dirs):
+    """Table 4 at the smoke budget, paired (2 seeds x 2 nets), run once for the tests that read it."""
+    assert sweep(components, dirs, *PAIRED) == 0
+    return table(dirs, "components", "digits-ipc10")
 
 
 def sweep(module, dirs, *extra: str) -> int:
@@ -102,35 +141,75 @@ def assert_every_cell(frame: pd.DataFrame, cells) -> None:
     assert list(frame["cell"]) == [c.label for c in cells]
     assert frame["test_mean"].between(0, 100).all(), frame
     assert (frame["test_n"] >= 1).all() and (frame["failed"] == 0).all()
+    assert set(STATS_COLUMNS) <= set(frame.columns) and (frame["mean"] == frame["test_mean"]).all()
+    assert (frame["session"] == "1").all() and (frame["protocol"] == "dsdm").all()
+
+
+def assert_paired_statistics(dirs, name: str, frame: pd.DataFrame) -> list[str]:
+    """Every cell has the same 4 units (2 seeds x 2 nets), a CI around its mean, and the
+    Markdown ends with the verdict line; returns the Markdown's lines."""
+    assert (frame["n"] == 4).all() and (frame["ci95_low"] <= frame["mean"]).all()
+    assert (frame["mean"] <= frame["ci95_high"]).all()
+    runs = pd.read_parquet(dirs[1] / name / "digits-ipc10-runs.parquet")
+    units = runs.groupby("cell")["unit"].apply(lambda u: tuple(sorted(u)))
+    assert set(units) == {("s0r0", "s0r1", "s1r0", "s1r1")} and len(units) == frame["cell"].nunique()
+    assert frame["verdict"].isin(stats.VERDICTS).all() and frame["verdict"].nunique() == 1
+    lines = (dirs[1] / name / "digits-ipc10.md").read_text().rstrip().splitlines()
+    assert lines[-1].startswith(f"verdict: {frame['verdict'].iloc[0]} — ")
+    assert lines[-1] == frame["verdict_line"].iloc[0]
+    assert "95% CI of the mean" in "\n".join(lines) and "evaluation protocol `dsdm`" in lines[1]
+    return lines
 
 
 
 @pytest.mark.slow
 def test_pretrain_epochs_smoke(dirs):
-    assert sweep(pretrain_epochs, dirs) == 0
-    frame = table(dirs, "pretrain_epochs", "digits-ipc10")
+    frame = table(dirs, "pretrain_epochs", "digits-ipc10")  # the sweep the dirs fixture ran
     assert_every_cell(frame, pretrain_epochs.cells("smoke"))
     assert frame["paper"].tolist() == [72.9]  # Figure 5's E=1, beside ours
     md = (dirs[1] / "pretrain_epochs" / "digits-ipc10.md").read_text()
     assert "budget `smoke`" in md and "paper, CIFAR-10 IPC 50" in md and "wall time" in md
     assert "zoo M=2 x E=[1] (trained)" in md
+    last = md.rstrip().splitlines()[-1]
+    assert last.startswith("verdict: unresolved — slope of test accuracy on ln(E): – ")  # one cell: no slope
 
 
 @pytest.mark.slow
 def test_model_count_smoke_reuses_the_zoo(dirs):
-    assert sweep(model_count, dirs) == 0
-    assert_every_cell(table(dirs, "model_count", "digits-ipc10"), model_count.cells("smoke"))
-    assert "(reused)" in (dirs[1] / "model_count" / "digits-ipc10.md").read_text()
+    assert sweep(model_count, dirs, *PAIRED) == 0
+    frame = table(dirs, "model_count", "digits-ipc10")
+    assert_every_cell(frame, model_count.cells("smoke"))
+    lines = assert_paired_statistics(dirs, "model_count", frame)
+    assert "slope of test accuracy on ln(M)" in lines[-1] and "4 (seed, net) units x 2 cells" in lines[-1]
+    acc, _ = stats.unit_matrix(pd.read_parquet(dirs[1] / "model_count" / "digits-ipc10-runs.parquet"), ["M=1", "M=2"])
+    assert frame["effect"].iloc[0] == pytest.approx(stats.log_slope([1, 2], acc.mean(0)))  # slope of the cell means
+    assert "(reused)" in "\n".join(lines)
     info = json.loads((dirs[0] / "model_count-digits-ipc10-smoke.zoo.json").read_text())
     assert info["trained"] is False
 
 
 @pytest.mark.slow
-def test_components_smoke(dirs):
-    assert sweep(components, dirs) == 0
-    frame = table(dirs, "components", "digits-ipc10")
+def test_components_smoke(dirs, components_run):
+    frame = components_run
     assert_every_cell(frame, components.cells())
     assert frame["paper"].tolist() == [60.6, 63.5, 66.2, 66.5]
+    lines = assert_paired_statistics(dirs, "components", frame)
+    assert frame["delta_verdict"].tolist()[0] == "" and frame["delta_verdict"].iloc[1:].isin(stats.VERDICTS).all()
+    assert lines[-1].startswith(f"verdict: {frame['verdict'].iloc[0]} — + L_h (DSDM) minus proto, random nets: ")
+    assert "each row vs the previous: + PM: " in lines[-1]
+    runs = pd.read_parquet(dirs[1] / "components" / "digits-ipc10-runs.parquet")
+    acc, _ = stats.unit_matrix(runs, frame["cell"].tolist())
+    assert frame["delta"].iloc[1:].to_numpy() == pytest.approx((acc[:, 1:] - acc[:, :-1]).mean(0))  # paired
+    # MLflow: every trial ran with distill.seed = eval.seed = its grid seed, each seed in every cell
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{dirs[0] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dsdm-digits-ipc10")
+    parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("dsdm.sweep") == "components"][0]
+    trials = [r for r in client.search_runs([exp.experiment_id])
+              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    seeds = sorted((r.data.params["distill.seed"], r.data.params["eval.seed"]) for r in trials)
+    assert seeds == [("0", "0")] * 4 + [("1", "1")] * 4
 
 
 @pytest.mark.slow
@@ -194,9 +273,12 @@ def test_speech_smoke(dirs):
 
 
 @pytest.mark.slow
-def test_resume_finished_sweep_reruns_nothing(dirs):
-    before = table(dirs, "components", "digits-ipc10")
-    assert sweep(components, dirs, "--resume") == 0
+def test_resume_finished_sweep_reruns_nothing(dirs, components_run):
+    before = components_run
+    assert sweep(components, dirs, *PAIRED, "--resume") == 0
     after = table(dirs, "components", "digits-ipc10")
     assert after["test_mean"].tolist() == before["test_mean"].tolist()
-    assert sweep(components, dirs) == 2  # without --resume: one line naming the fix
+    assert after["session"].tolist() == ["1"] * 4  # every cell still credited to the first invocation
+    ledger = json.loads((dirs[0] / "components-digits-ipc10-smoke.sessions.json").read_text())
+    assert [s["session"] for s in ledger] == [1, 2] and "--resume" in ledger[1]["command"]
+    assert sweep(components, dirs, *PAIRED) == 2  # without --resume: one line naming the fix

@@ -19,6 +19,8 @@ PAPER_EPOCHS = (1, 5, 10, 15, 20, 25, 30)
 BUDGET_GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "paper": (PAPER_MODELS, PAPER_EPOCHS),
     "cpu": ((1, 2, 4), (1, 2)),
+    # one zoo (8 models, snapshots 1/2/5/10) serves the E sweep, the M sweep and the λ search
+    "resolve": ((1, 2, 4, 8), (1, 2, 5, 10)),
     "smoke": ((1, 2), (1,)),
 }
 
