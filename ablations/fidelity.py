@@ -26,13 +26,13 @@ import sys
 from pathlib import Path
 
 from ablations.common import Cell, build_parser, cell_ids, cli, for_each_ipc, run_sweep
+from ablations.stats import Effect, mean_ci, paired_difference
 from dsdm.config import BUDGETS, DistillConfig
 from dsdm.errors import DsdmError
 
 MIN_ITERATIONS = 1000
 EVAL_NETS = 10
 DEFAULT_REFRESH = 4
-DETECTABLE_Z = 2.8  # 1.96 + 0.84: the true difference a two-sided 5% test finds with 80% power is 2.8 SE
 
 
 def cells(refresh: int) -> list[Cell]:
@@ -50,27 +50,15 @@ def measurement_sets(budget: str) -> list[str]:
 
 
 # --- statistics ---------------------------------------------------------------------------------
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float, int, float]:
-    """(mean, low, high, n, standard error): a t-based CI of the mean; NaN bounds below 2 values."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n if n else math.nan
-    if n < 2:
-        return mean, math.nan, math.nan, n, math.nan
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
-    return mean, mean - half, mean + half, n, se
-
-
-def verdict(low: float, high: float, detectable: float) -> str:
-    if not (math.isfinite(low) and math.isfinite(high)):
+def verdict(effect: Effect) -> str:
+    """Fidelity wording of a paired difference (arm minus arm): better, worse or not detected."""
+    if not (math.isfinite(effect.low) and math.isfinite(effect.high)):
         return "unresolved (too few units)"
-    if low > 0:
+    if effect.low > 0:
         return "better"
-    if high < 0:
+    if effect.high < 0:
         return "worse"
-    return f"no difference detected (this design detects about {detectable:.2f} points)"
+    return f"no difference detected (this design detects about {effect.detectable:.2f} points)"
 
 
 def unit_accuracies(trials, labels_by_id: dict[str, str]) -> dict[str, dict[tuple[int, int], float]]:
@@ -97,15 +85,15 @@ def arms_table(acc: dict[str, dict[tuple[int, int], float]], rate: dict[str, flo
     labels = list(acc)
     lines = ["| arm | test acc % (mean) | 95% CI | units (seed x net) | s/iteration |", "|---|---|---|---|---|"]
     for label in labels:
-        mean, low, high, n, _ = t_interval(list(acc[label].values()))
-        lines.append(f"| {label} | {mean:.2f} | {low:.2f} to {high:.2f} | {n} | {rate[label]:.3f} |")
+        c = mean_ci(list(acc[label].values()))
+        lines.append(f"| {label} | {c['mean']:.2f} | {c['ci95_low']:.2f} to {c['ci95_high']:.2f} | {c['n']} | "
+                     f"{rate[label]:.3f} |")
     lines += ["", "| paired difference | mean (points) | 95% CI | units | verdict |", "|---|---|---|---|---|"]
     for a, b in [(labels[1], labels[0]), (labels[2], labels[0]), (labels[2], labels[1])]:
         units = sorted(set(acc[a]) & set(acc[b]))
-        diffs = [acc[a][u] - acc[b][u] for u in units]
-        mean, low, high, n, se = t_interval(diffs)
-        lines.append(f"| {a} minus {b} | {mean:+.2f} | {low:+.2f} to {high:+.2f} | {n} | "
-                     f"{a}: {verdict(low, high, DETECTABLE_Z * se)} |")
+        e = paired_difference([acc[b][u] for u in units], [acc[a][u] for u in units])  # a minus b
+        lines.append(f"| {a} minus {b} | {e.estimate:+.2f} | {e.low:+.2f} to {e.high:+.2f} | {e.n} | "
+                     f"{a}: {verdict(e)} |")
     seeds = sorted({s for arm in acc.values() for s, _ in arm})
     lines += ["", "Per distillation seed (mean over its networks): " + "; ".join(
         f"{label}: " + ", ".join(f"seed {s} {_seed_mean(acc[label], s):.2f}" for s in seeds) for label in labels)]
