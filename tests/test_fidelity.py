@@ -2,7 +2,6 @@
 --budget smoke (one zoo, three arms, paired units, arms table with CIs, verdicts, s/iteration)."""
 from __future__ import annotations
 
-import math
 
 import pandas as pd
 import pytest
