@@ -660,7 +660,7 @@ def _tune_and_cross_arch(args, cfg: Config, space: dict, storage: Path, path: Pa
 
 def no_trial_done(path: Path) -> DsdmError:
     """Every trial errored: one line quoting the first trial's error (Tune's error.txt)."""
-    errors = sorted(path.glob("*/error.txt"), key=lambda f: f.parent.name.split("_")[3:4])
+    errors = sorted(path.glob("*/error.txt"), key=lambda f: int(f.parent.name.split("_")[3]))  # <name>_<id>_<n>_
     text = errors[0].read_text() if errors else ""
     if "No space left on device" in text:
         return disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path.parent)

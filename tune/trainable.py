@@ -61,8 +61,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
     run_id, final = tracking.trial_run(uri, options["experiment_id"], options["search_id"], trial_id,
                                        options["parent_run_id"])
     if final is not None:  # evaluated and logged before an interrupt or crash; Tune never saved it
+        tracking.finish(uri, run_id)  # it may have been closed as KILLED or FAILED meanwhile
         return report_logged_final(uri, run_id, final)
     try:
+        fault_point("trial_start", trial_number(), trial=trial_id)
         tracking.log_params(uri, run_id, cfg.plain())
         start = time.time()
         if d.method in SELECTORS:  # coreset baselines: real images picked in a zoo model's embedding
@@ -84,7 +86,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
             tracking.log_artifacts(uri, run_id, [Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
             tracking.log_final(uri, run_id, final, step=d.iterations)
             tracking.finish(uri, run_id)
-            fault_point("trial_final_logged", trial_index(trial_id), trial=trial_id)
+            fault_point("trial_final_logged", trial_number(), trial=trial_id)
             tune.report({**final, "node": ray.get_runtime_context().get_node_id()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
     except Exception:
@@ -92,9 +94,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
         raise
 
 
-def trial_index(trial_id: str) -> int:
-    """Tune's trial ids end in a counter (`7f3a2_00001`): the n-th trial the search started."""
-    return int(trial_id.rsplit("_", 1)[-1])
+def trial_number() -> int:
+    """The n-th trial the search started (1, 2, ...): Tune's trial folders are `<name>_<id>_<n>_<params>`."""
+    context = tune.get_context()
+    return int(Path(context.get_trial_dir()).name.split(f"{context.get_trial_id()}_", 1)[1].split("_")[0])
 
 
 def report_logged_final(uri: str, run_id: str, final: dict[str, Any]) -> None:
@@ -180,10 +183,11 @@ def cross_arch_task(set_path: str, data: list, eval_cfg: dict, threads: int, run
 
 
 class FaultPoints(tune.Callback):
-    """Driver-side fault point DSDM_FAULT_DRIVER_CHECKPOINT="<trial index>:<iteration>[@actions]":
+    """Driver-side fault point DSDM_FAULT_DRIVER_CHECKPOINT="<trial number>:<iteration>[@actions]":
     fires once Tune has registered that trial's checkpoint of that iteration (so a stop that
     follows keeps it, and the resumed trial continues right after it). Inert unless set."""
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         it = (trial.last_result or {}).get("iteration")
-        fault_point("driver_checkpoint", f"{trial_index(trial.trial_id)}:{it}", trial=trial.trial_id)
+        number = trial.experiment_tag.split("_")[0]  # the n of the trial's folder name
+        fault_point("driver_checkpoint", f"{number}:{it}", trial=trial.trial_id)
