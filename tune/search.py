@@ -127,7 +127,7 @@ def space_needed(cfg: Config, dataset, num_samples: int, zoo_on_disk: bool) -> i
         net = get_model(zoo_arch(cfg.zoo, dataset), dataset.channels, dataset.num_classes, tuple(dataset.image_size))
         zoo = 4 * count_parameters(net) * cfg.zoo.num_models * len(cfg.zoo.snapshots)
     images = cfg.distill.ipc * dataset.num_classes * dataset.channels * math.prod(dataset.image_size) * 4
-    return zoo + num_samples * (12 * images + 256 * 1024) + 4 * 1024 * 1024
+    return zoo + num_samples * (12 * images + 256 * 1024) + 2 * 1024 * 1024
 
 
 def mb(n: float) -> str:

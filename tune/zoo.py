@@ -76,8 +76,8 @@ def fault_point(name: str, where, **context) -> None:
     except FileExistsError:
         return
     with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps({"fault": name, "value": where, "pid": os.getpid(), "time": time.time(),
-                             **{k: str(v) for k, v in context.items()}}))
+        fh.write(json.dumps({"fault": name, "value": where, "pid": os.getpid(), "time": time.time(), **context},
+                            default=str))
     for action in (actions or "exit").split(","):
         if action == "exit":
             os._exit(1)
