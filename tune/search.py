@@ -165,15 +165,19 @@ def search_lock(lock: Path, prog: str = "tune.search"):
     stops with one line naming the holder; a lock left by a dead process on this host is taken over."""
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     lock.parent.mkdir(parents=True, exist_ok=True)
+    unreadable = 0
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text())
-            except (OSError, ValueError):  # being written (or gone) this instant
-                time.sleep(0.1)
-                continue
+            except (OSError, ValueError):  # being written (or gone) this instant; empty for good: stale
+                unreadable += 1
+                if unreadable < 50:
+                    time.sleep(0.1)
+                    continue
+                holder = {"pid": 0, "host": me["host"]}
             if holder.get("host") != me["host"] or _alive(int(holder.get("pid", 0))):
                 raise DsdmError(f"'{lock.with_suffix('')}' is in use by another search (pid {holder.get('pid')} on "
                                 f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or pass "
@@ -562,8 +566,11 @@ def run_search(args: argparse.Namespace) -> dict:
             return _run_checked(args, cfg, space, storage, path, tune_path, dataset, uri, t0)
         except KeyboardInterrupt:
             raise Interrupted(resume_advice(tune_path, path, remote)) from None
-        except OSError as exc:
-            raise disk_full(exc, storage) or exc from None
+        except Exception as exc:  # a full disk surfaces as OSError, or inside Ray's, Tune's or torch's errors
+            error = None if isinstance(exc, DsdmError) else disk_full(exc, storage)
+            if error is None:
+                raise
+            raise error from None
 
 
 def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune_path: str, dataset, uri: str,
