@@ -143,12 +143,15 @@ def check_free_space(storage: Path, needed: int) -> None:
                         "free space there or pass --storage on a larger disk")
 
 
+FULL_DISK = ("No space left on device", "database or disk is full")  # OSError's, sqlite's (MLflow) words
+
+
 def disk_full(exc: BaseException, storage: Path) -> DsdmError | None:
     """The one-line error for a full disk, wherever it surfaced (here, or inside a trial); else None."""
     import shutil
 
     text = str(exc)
-    if not ((isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in text):
+    if not ((isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(m in text for m in FULL_DISK)):
         return None
     where = getattr(exc, "filename", None) or storage
     try:
@@ -669,7 +672,7 @@ def no_trial_done(path: Path) -> DsdmError:
     """Every trial errored: one line quoting the first trial's error (Tune's error.txt)."""
     errors = sorted(path.glob("*/error.txt"), key=lambda f: int(f.parent.name.split("_")[3]))  # <name>_<id>_<n>_
     text = errors[0].read_text() if errors else ""
-    if "No space left on device" in text:
+    if any(m in text for m in FULL_DISK):
         return disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path.parent)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "no error recorded")
