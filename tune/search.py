@@ -147,19 +147,21 @@ FULL_DISK = ("No space left on device", "database or disk is full")  # OSError's
 
 
 def disk_full(exc: BaseException, storage: Path) -> DsdmError | None:
-    """The one-line error for a full disk, wherever it surfaced (here, or inside a trial); else None."""
+    """The one-line error for a full disk, wherever it surfaced (here, or inside a trial); else None.
+    A full disk also breaks Tune in other words (an empty error pickle: `EOFError: Ran out of input`),
+    so an error while the storage has under 1 MB free counts as one too."""
     import shutil
 
-    text = str(exc)
-    if not ((isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(m in text for m in FULL_DISK)):
+    try:
+        free = shutil.disk_usage(storage).free
+    except OSError:
+        free = None
+    said = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(m in str(exc) for m in FULL_DISK)
+    if not (said or (free is not None and free < 2**20)):
         return None
     where = getattr(exc, "filename", None) or storage
-    try:
-        free = mb(shutil.disk_usage(storage).free)
-    except OSError:
-        free = "?"
-    return DsdmError(f"no space left on device writing '{where}' ({free} free under '{storage}'); free space "
-                     "there (or pass --storage on a larger disk), then rerun the same command with --resume")
+    return DsdmError(f"no space left on device writing '{where}' ({mb(free or 0)} free under '{storage}'); free "
+                     "space there (or pass --storage on a larger disk), then rerun the same command with --resume")
 
 
 @contextmanager
