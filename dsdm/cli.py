@@ -155,6 +155,7 @@ def cmd_pretrain(args, cfg: Config) -> None:
     from dsdm.zoo import ModelZoo, pretrain_one, zoo_arch
 
     dataset, device = _dataset(cfg), resolve_device(args.device)
+    _paper_on_cpu(cfg, device)
     z = cfg.zoo
     zoo = ModelZoo(zoo_arch(z, dataset), dataset.name, dataset.channels, dataset.num_classes,
                    dataset.image_size, {k.split(".", 1)[1]: v for k, v in cfg.flat().items() if k.startswith("zoo.")})
@@ -182,6 +183,7 @@ def cmd_distill(args, cfg: Config) -> None:
     dataset, device = _dataset(cfg), resolve_device(args.device)
     d, cache = cfg.distill, args.cache or default_cache()
     _check_ipc(dataset, cfg)  # before a zoo is pre-trained for nothing
+    _paper_on_cpu(cfg, device)
     start = time.time()
     needs_zoo = d.method in ("herding", "kcenter") or (d.method == "dsdm" and d.pretrained)
     zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
@@ -239,6 +241,7 @@ def cmd_evaluate(args, cfg: Config) -> None:
         net = zoo.model(0, zoo.epochs[-1], device) if zoo is not None else None
         synset = select_coreset(args.method, dataset, cfg.distill.ipc, cfg.distill.seed, net, config=cfg.plain())
         label = f"{args.method} ipc{cfg.distill.ipc}"
+    _paper_on_cpu(cfg, device)
     e = cfg.eval
     with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar:
         results = evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1))
@@ -268,11 +271,10 @@ def cmd_show(args) -> None:
 
 
 
-def _paper_on_cpu(cfg: Config, device: str) -> None:
-    """`--budget paper` is the GPU preset: on a CPU, one line saying so (README: the cpu budget takes minutes)."""
-    from dsdm.train import resolve_device
-
-    if cfg.budget == "paper" and resolve_device(device).type == "cpu":
+def _paper_on_cpu(cfg: Config, device) -> None:
+    """`--budget paper` is the GPU preset: on a CPU, one line saying so once the inputs passed their
+    checks (bad input stays one line)."""
+    if cfg.budget == "paper" and device.type == "cpu":
         print("dsdm: note: --budget paper is the GPU preset (at least an hour per run on this CPU-only machine, "
               "more on larger datasets); pass --budget cpu for a run of minutes", file=sys.stderr, flush=True)
 
@@ -284,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
             cmd_show(args)
             return 0
         cfg = config_from_args(args)
-        _paper_on_cpu(cfg, args.device)
         {"pretrain": cmd_pretrain, "distill": cmd_distill, "evaluate": cmd_evaluate}[args.command](args, cfg)
     except DsdmError as exc:
         print(f"dsdm: error: {exc}", file=sys.stderr)
