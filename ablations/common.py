@@ -214,7 +214,6 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
     print(f"{name}: {len(ids)} cells x {len(seeds)} seeds on {cfg.data.dataset} IPC {ipc}, budget {args.budget}; "
           f"cells: {', '.join(dict.fromkeys(c.label for c in cells))}; zoo M={cfg.zoo.num_models} "
           f"E={list(cfg.zoo.snapshots)}", flush=True)
-    paper_on_cpu_note(args.budget, args.trial_gpus, len(ids) * len(seeds), prog=f"ablations.{name}")
     with search_lock(storage / f"{path.name}.lock", prog=f"ablations.{name}"), ray_session(args):
         proxy = (proxy_every, proxy_epochs or proxy_epochs_default(cfg))
         run = _tune_cells(name, args, cfg, path, {ids[k]: d for k, d in diffs.items()}, seeds, proxy)
@@ -253,6 +252,7 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
         raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
     started = time.time()
     dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
+    paper_on_cpu_note(args.budget, args.trial_gpus, len(cells) * len(seeds), prog=f"ablations.{name}")
     storage = path.parent
     uri = args.mlflow_uri or tracking.default_uri(storage)
     tracking.quiet_mlflow()
