@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ablations.stats import EffectSpec, mean_ci, sweep_effect
+from dsdm.cli import HelpFormatter
 from dsdm.config import BUDGETS, Config, make_config
 from dsdm.errors import DsdmError
-from tune.search import check_storage, start_ray, trial_table, write_tables  # sets Tune's env defaults
+from tune.search import (BUDGET_HELP, check_storage, finite_float, paper_on_cpu_note, search_lock,  # sets Tune's env defaults
+                         start_ray, trial_table, write_tables)
 from tune.space import BUDGET_GRIDS
 
 ACC = "convnet3"  # run_trial evaluates ConvNet-3; cross-arch sweeps add their own
@@ -71,10 +73,11 @@ class SweepOutput:
 
 # --- CLI ----------------------------------------------------------------------------------------
 def build_parser(prog: str, doc: str, dataset: str = "digits", ipc: str = "10") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0])
-    p.add_argument("--dataset", default=dataset)
+    p = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--dataset", default=dataset, help="digits, mnist, fashionmnist, svhn, cifar10, cifar100, speechcommands")
     p.add_argument("--ipc", default=ipc, help="images per class; several comma-separated (one table each)")
-    p.add_argument("--budget", default="paper", choices=list(BUDGETS))
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS), help=BUDGET_HELP)
     p.add_argument("--seeds", help="N (seeds 0..N-1) or a list '0,3,7'; each is the distillation and evaluation "
                    "seed of every cell (paired); default 2 under --budget resolve, else 1")
     p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start Ray here")
@@ -84,10 +87,10 @@ def build_parser(prog: str, doc: str, dataset: str = "digits", ipc: str = "10") 
     p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
     p.add_argument("--offline", action="store_true", help="never download datasets")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
-    p.add_argument("--trial-cpus", type=float, default=1)
-    p.add_argument("--trial-gpus", type=float, default=0)
-    p.add_argument("--zoo-cpus", type=float, default=1, help="CPUs per pre-training actor")
-    p.add_argument("--zoo-gpus", type=float, default=0, help="GPUs per pre-training actor (fractions allowed)")
+    p.add_argument("--trial-cpus", type=finite_float, default=1, help="CPUs per trial")
+    p.add_argument("--trial-gpus", type=finite_float, default=0, help="GPUs per trial (fractions allowed)")
+    p.add_argument("--zoo-cpus", type=finite_float, default=1, help="CPUs per pre-training actor")
+    p.add_argument("--zoo-gpus", type=finite_float, default=0, help="GPUs per pre-training actor (fractions allowed)")
     p.add_argument("--mlflow-uri", help="tracking server URL (default: sqlite file under --storage)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, every cell")
@@ -227,7 +230,7 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
     print(f"{name}: {len(ids)} cells x {len(seeds)} seeds on {cfg.data.dataset} IPC {ipc}, budget {args.budget}; "
           f"cells: {', '.join(dict.fromkeys(c.label for c in cells))}; zoo M={cfg.zoo.num_models} "
           f"E={list(cfg.zoo.snapshots)}", flush=True)
-    with ray_session(args):
+    with search_lock(storage / f"{path.name}.lock", prog=f"ablations.{name}"), ray_session(args):
         proxy = (proxy_every, proxy_epochs or proxy_epochs_default(cfg))
         run = _tune_cells(name, args, cfg, path, {ids[k]: d for k, d in diffs.items()}, seeds, proxy)
         results, trials, dataset, zoo_info = run["results"], run["trials"], run["dataset"], run["zoo_info"]
@@ -276,14 +279,14 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
     started = time.time()
     sessions = start_session(path, args.resume, getattr(args, "command", ""))
     dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
+    paper_on_cpu_note(args.budget, args.trial_gpus, len(cells) * len(seeds), prog=f"ablations.{name}")
     storage = path.parent
     uri = args.mlflow_uri or tracking.default_uri(storage)
     tracking.quiet_mlflow()
     tracking.check_reachable(uri)
     experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
                                                storage / "mlartifacts")
-    parent = tracking.find_or_create_run(uri, experiment_id, {tracking.SEARCH_TAG: str(path), "dsdm.sweep": name},
-                                         tracking.SEARCH_TAG, name=path.name)
+    parent = tracking.search_run(uri, experiment_id, str(path), name=path.name, tags={"dsdm.sweep": name})
     tracking.log_params(uri, parent, {**cfg.plain(), "sweep.name": name, "sweep.seeds": json.dumps(seeds),
                                       "sweep.cells": json.dumps(cells, default=str)[:6000]})
 
@@ -308,7 +311,12 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
             run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except BaseException as exc:
+        tracking.close_open_runs(uri, experiment_id, str(path), "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracking.close_open_runs(uri, experiment_id, str(path), "FAILED", keep=parent)  # trials that died unreported
     earlier = _earlier_wall(path, args.resume)
     (path / WALL_FILE).write_text(json.dumps({"wall_s": earlier + time.time() - started}))
     trials = with_runs(trial_table(results, ["cell", "seed"]), results)

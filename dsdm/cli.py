@@ -16,6 +16,15 @@ from dsdm.config import BUDGETS, Config, make_config
 from dsdm.errors import DsdmError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default; flags without one (None, off) and defaults the help names stay as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("DSDM_CACHE", Path.home() / ".cache" / "dsdm"))
 
@@ -25,7 +34,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="digits (offline default), mnist, fashionmnist, svhn, cifar10, cifar100, speechcommands")
     p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
     p.add_argument("--offline", action="store_true", help="never download; fail if files are missing")
-    p.add_argument("--budget", default="paper", choices=list(BUDGETS), help="preset of iterations/epochs/models")
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS),
+                   help="preset of iterations, epochs and zoo size: paper = the paper's settings (hours on a GPU), "
+                        "cpu = minutes on a CPU, smoke = seconds, numbers meaningless")
     p.add_argument("--seed", type=int, help="seed of distillation and evaluation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--cache", type=Path, default=None, help="where pre-trained zoos are kept (default $DSDM_CACHE or ~/.cache/dsdm)")
@@ -43,41 +54,42 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dsdm", description=__doc__.splitlines()[0])
+    defaults = HelpFormatter  # --help shows every default
+    parser = argparse.ArgumentParser(prog="python -m dsdm", description=__doc__.splitlines()[0], formatter_class=defaults)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pre-train a model zoo")
+    p = sub.add_parser("pretrain", help="pre-train a model zoo", formatter_class=defaults)
     _common(p)
     p.add_argument("--models", type=int, help="M, number of networks")
     p.add_argument("--epochs", type=int, help="E, train to this epoch (added to the snapshots)")
     p.add_argument("--snapshots", help="comma-separated epochs to keep, e.g. 1,5,10")
     p.add_argument("--out", type=Path, required=True, help="zoo folder to write")
 
-    p = sub.add_parser("distill", help="distil a dataset into a small synthetic set")
+    p = sub.add_parser("distill", help="distil a dataset into a small synthetic set", formatter_class=defaults)
     _common(p)
     p.add_argument("--method", choices=["dsdm", "dm", "random", "herding", "kcenter"])
     p.add_argument("--ipc", type=int, help="stored images per class")
     p.add_argument("--zoo", type=Path, help="zoo folder from `pretrain` (default: pre-train and cache)")
-    p.add_argument("--iterations", type=int)
+    p.add_argument("--iterations", type=int, help="distillation iterations (default: the budget's)")
     p.add_argument("--lambda1", type=float, help="weight of L_SD (covariance matching)")
     p.add_argument("--lambda2", type=float, help="weight of L_h (memory bank)")
     p.add_argument("--models", type=int, help="M zoo models sampled from")
     p.add_argument("--pretrain-epochs", type=int, help="E, which zoo snapshot")
     p.add_argument("--factor", type=int, help="l of partition-and-expand (1 = off)")
-    p.add_argument("--lr-img", type=float)
+    p.add_argument("--lr-img", type=float, help="learning rate of the stored images (0: 0.1 * ipc / 10)")
     p.add_argument("--reference", action="store_true", help="the straightforward loop instead of the fast path")
     p.add_argument("--checkpoint", type=Path, help="resume from / write here (default: OUT.ckpt)")
     p.add_argument("--out", type=Path, required=True, help="distilled-set file to write")
 
-    p = sub.add_parser("evaluate", help="train fresh networks on a distilled set (or a coreset)")
+    p = sub.add_parser("evaluate", help="train fresh networks on a distilled set (or a coreset)", formatter_class=defaults)
     _common(p)
     p.add_argument("file", nargs="?", type=Path, help="distilled-set file; omit to select a coreset with --method")
     p.add_argument("--method", choices=["random", "herding", "kcenter"], help="coreset to select and evaluate")
-    p.add_argument("--ipc", type=int)
+    p.add_argument("--ipc", type=int, help="images per class of the coreset")
     _eval_flags(p)
 
-    p = sub.add_parser("show", help="draw a distilled set as a class-by-class image grid")
-    p.add_argument("file", type=Path)
+    p = sub.add_parser("show", help="draw a distilled set as a class-by-class image grid", formatter_class=defaults)
+    p.add_argument("file", type=Path, help="distilled-set file")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.add_argument("--decoded", action="store_true", help="draw the decoded (training) images")
     return parser
@@ -144,6 +156,7 @@ def cmd_pretrain(args, cfg: Config) -> None:
     from dsdm.zoo import ModelZoo, pretrain_one, zoo_arch
 
     dataset, device = _dataset(cfg), resolve_device(args.device)
+    _paper_on_cpu(cfg, device)
     z = cfg.zoo
     zoo = ModelZoo(zoo_arch(z, dataset), dataset.name, dataset.channels, dataset.num_classes,
                    dataset.image_size, {k.split(".", 1)[1]: v for k, v in cfg.flat().items() if k.startswith("zoo.")})
@@ -171,6 +184,7 @@ def cmd_distill(args, cfg: Config) -> None:
     dataset, device = _dataset(cfg), resolve_device(args.device)
     d, cache = cfg.distill, args.cache or default_cache()
     _check_ipc(dataset, cfg)  # before a zoo is pre-trained for nothing
+    _paper_on_cpu(cfg, device)
     start = time.time()
     needs_zoo = d.method in ("herding", "kcenter") or (d.method == "dsdm" and d.pretrained)
     zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
@@ -228,6 +242,7 @@ def cmd_evaluate(args, cfg: Config) -> None:
         net = zoo.model(0, zoo.epochs[-1], device) if zoo is not None else None
         synset = select_coreset(args.method, dataset, cfg.distill.ipc, cfg.distill.seed, net, config=cfg.plain())
         label = f"{args.method} ipc{cfg.distill.ipc}"
+    _paper_on_cpu(cfg, device)
     e = cfg.eval
     with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar:
         results = evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1))
@@ -255,6 +270,14 @@ def cmd_show(args) -> None:
     save_grid(synset, args.out, decoded=args.decoded)
     print(f"wrote {args.out}")
 
+
+
+def _paper_on_cpu(cfg: Config, device) -> None:
+    """`--budget paper` is the GPU preset: on a CPU, one line saying so once the inputs passed their
+    checks (bad input stays one line)."""
+    if cfg.budget == "paper" and device.type == "cpu":
+        print("dsdm: note: --budget paper is the GPU preset (at least an hour per run on this CPU-only machine, "
+              "more on larger datasets); pass --budget cpu for a run of minutes", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ The official DSDM code's flags (Li-Hongcheng/DSDM argument.py) and our keys:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -138,6 +139,9 @@ class Config:
     def validate(self) -> "Config":
         """Raise a one-line DsdmError for values no run can use; return self."""
         d, z = self.distill, self.zoo
+        for key, value in self.flat().items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DsdmError(f"config key '{key}' cannot take {value}; pass a finite number")
         checks = [
             (d.lambda1 >= 0 and d.lambda2 >= 0, f"lambda1/lambda2 must be >= 0 (got {d.lambda1}, {d.lambda2}); pass a non-negative weight"),
             (d.ipc >= 1, f"ipc must be >= 1 (got {d.ipc})"),
@@ -178,6 +182,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                     raise ValueError(value)
                 return value.lower() in ("1", "true", "yes")
             return bool(value)
+        if typ is float and not math.isfinite(float(value)):  # inf would only fail inside a trial
+            raise DsdmError(f"config key '{key}' cannot take {value!r}; pass a finite number")
         if typ in (int, float, str):
             if typ is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

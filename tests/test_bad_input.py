@@ -10,8 +10,10 @@ is byte-identical and no file was added. The cases run as parallel subprocesses.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -48,11 +50,20 @@ CASES = {
                                        "already holds a search; pass --resume to continue it or --name NEW"),
     "resume_without_search": (SEARCH + ["--storage", "{ws}/runs", "--name", "never-ran", "--resume"],
                               "nothing to resume at"),
+    "inf_weight_in_fix": (SEARCH + ["--fix", "lambda2=inf", "--storage", "{ws}/runs", "--name", "new"],
+                          "config key 'distill.lambda2' cannot take 'inf'; pass a finite number"),
+    "nan_in_set": (SEARCH + ["--set", "distill.alpha=nan", "--storage", "{ws}/runs", "--name", "new"],
+                   "config key 'distill.alpha' cannot take 'nan'; pass a finite number"),
+    "search_already_running": (SEARCH + ["--storage", "{ws}/busy", "--name", "new"],
+                               "is in use by another search (pid 1 on"),
     "foreign_file_as_distilled_set": (DSDM + ["evaluate", "{ws}/notes.txt", "--budget", "smoke"],
                                       "is not a readable distilled set"),
     "foreign_file_as_checkpoint": (DSDM + ["distill", "--dataset", "digits", "--method", "dm", "--budget", "smoke",
                                            "--checkpoint", "{ws}/snapshot.pt", "--out", "{ws}/set.pt"],
                                    "is not a dsdm distillation checkpoint"),
+    "dsdm_inf_weight": (DSDM + ["distill", "--dataset", "digits", "--budget", "smoke", "--lambda1", "inf",
+                                "--out", "{ws}/set.pt"],
+                        "config key 'distill.lambda1' cannot take inf; pass a finite number"),
     "dsdm_ipc_larger_than_class": (DSDM + ["distill", "--dataset", "digits", "--budget", "smoke", "--ipc", "100",
                                            "--out", "{ws}/set.pt"],
                                    "ipc=100 needs 400 real images per class"),
@@ -87,6 +98,8 @@ def make_workspace(root: Path) -> None:
     (root / "notes.txt").write_text("not a tensor file\n")
     (root / "a-file").write_text("a regular file where a folder is expected\n")
     (root / "cache").mkdir()
+    (root / "busy").mkdir()  # a search holds this folder (pid 1 never ends)
+    (root / "busy" / "new.lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "since": "10:00"}))
 
 
 def run_case(case: str, root: Path) -> dict:

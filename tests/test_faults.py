@@ -1,15 +1,23 @@
 """An interrupted search resumes without losing or redoing work; a corrupted zoo is retrained.
 
-One chain of `python -m tune.search` runs on a local 1-CPU Ray (trials one at a time, 2 samples):
+One chain of `python -m tune.search` runs on a local 1-CPU Ray (trials one at a time, so trial
+number 1 finishes before number 2 starts; 2 samples, 6 iterations, a checkpoint each). Every
+interrupt fires at a NAMED fault point (tune.zoo.fault_point), never on a wall clock:
 
 0. the search's zoo is already in the storage (pre-trained here) but one snapshot is corrupted
    (a byte flipped: its manifest sha256 no longer matches);
-1. the first run moves that zoo aside and pre-trains it again on the actor pool; SIGINT once
-   the first trial has finished and the second has reported a checkpoint -> exit 130;
-2. `--resume`: the second trial continues from its checkpoint; SIGTERM once it has
-   checkpointed a later iteration -> exit 143;
-3. `--resume` finishes: both trials DONE, the first untouched, one MLflow run per trial.
+1. the first run moves that zoo aside and pre-trains it again on the actor pool; the driver
+   sends itself SIGINT once Tune has registered trial 2's checkpoint of iteration 2
+   (DSDM_FAULT_DRIVER_CHECKPOINT=2:2@SIGINT) -> exit 130;
+2. `--resume`: trial 2 continues after its checkpoint; SIGTERM at its checkpoint of iteration 4
+   -> exit 143;
+3. `--resume`: trial 2 finishes, logs its final metrics to MLflow, and then -- before Tune saved
+   its result -- sends the driver SIGINT and blocks (DSDM_FAULT_TRIAL_FINAL_LOGGED=2@SIGINT,block)
+   -> exit 130 with the final metrics in MLflow but not in Tune's state;
+4. `--resume` finishes: trial 2 finds its final metrics in MLflow and reports them again
+   without evaluating or logging a second time; both trials DONE, one MLflow run per trial.
 
+The fixture only runs the chain; each test reads what it needs, so any test passes alone.
 (The zoo-actor and trial-process faults run on the two-node cluster: tests/test_cluster.py.)
 """
 from __future__ import annotations
@@ -19,7 +27,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -32,29 +39,45 @@ ITERATIONS = 6
 TINY = ["--set", f"distill.iterations={ITERATIONS}", "--set", "distill.checkpoint_every=1", "--set", "distill.log_every=1",
         "--set", "distill.batch_real=8", "--set", "distill.aug_pool=1", "--set", "zoo.max_per_class=10",
         "--set", "eval.runs=1", "--set", "eval.epochs=1"]
+FINAL_METRICS = ("test_acc", "val_acc", "test_std", "acc_mean/convnet3", "eval_seconds")
 
 
-def start(storage: Path, log: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+def search_env(faults: Path | None = None, **points: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSDM_FAULT_") and k != "RAY_ADDRESS"}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    if faults is not None:
+        faults.mkdir(parents=True, exist_ok=True)
+        env["DSDM_FAULT_DIR"] = str(faults)
+        env.update({f"DSDM_FAULT_{k.upper()}": v for k, v in points.items()})
+    return env
+
+
+def run_search(storage: Path, log: Path, *extra: str, env: dict | None = None, samples: int = SAMPLES,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m tune.search` on a private 1-CPU Ray; stdout/stderr kept in log.out/log.err."""
     cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke",
-           "--num-samples", str(SAMPLES), "--num-cpus", "1", "--storage", str(storage), "--cross-arch", "none",
+           "--num-samples", str(samples), "--num-cpus", "1", "--storage", str(storage), "--cross-arch", "none",
            *TINY, *extra]
-    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or search_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.with_suffix(".out").write_text(out)
+    log.with_suffix(".err").write_text(err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def reports(storage: Path) -> dict[str, list[dict]]:
-    """{trial_id: its result.json rows} as Tune wrote them so far."""
+def reports(storage: Path, name: str = NAME) -> dict[str, list[dict]]:
+    """{trial_id: its result.json rows} as Tune wrote them."""
     out = {}
-    for folder in (storage / NAME).glob("run_trial_*"):
+    for folder in (storage / name).glob("run_trial_*"):
         rows = []
         if (folder / "result.json").is_file():
-            for line in (folder / "result.json").read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line being written
-                    pass
+            rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()]
         out[folder.name.split("_")[2]] = rows
     return out
 
@@ -63,31 +86,25 @@ def finished(storage: Path) -> set[str]:
     return {t for t, rows in reports(storage).items() if any("test_acc" in r for r in rows)}
 
 
-def progress(storage: Path) -> dict[str, int]:
-    """{unfinished trial: last checkpointed iteration} (every report checkpoints here)."""
-    return {t: rows[-1].get("iteration", 0) for t, rows in reports(storage).items()
-            if rows and not any("test_acc" in r for r in rows)}
-
-
-def interrupt_when(proc: subprocess.Popen, storage: Path, sig: int, ready, timeout: float = 300):
-    """Send `sig` once `ready(storage)` holds (polled); return the exit code and the progress then."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready(storage):
-        time.sleep(0.2)
-    assert proc.poll() is None, "the search ended before it could be interrupted"
-    assert time.time() < deadline, "timed out waiting for trial progress"
-    at = progress(storage)
-    proc.send_signal(sig)
-    return proc.wait(timeout=120), at
-
-
-def mlflow_trial_runs(storage: Path):
+def mlflow_runs(storage: Path):
+    """(client, {"parent": run, trial_id: run, ...}) of the digits experiment."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
     exp = client.get_experiment_by_name("dsdm-digits-ipc10")
     runs = client.search_runs([exp.experiment_id])
-    return client, runs
+    return client, exp, runs
+
+
+def snapshot(storage: Path) -> dict:
+    """Statuses, parents and final-metric counts of every run, as a user's MLflow query sees them."""
+    client, _, runs = mlflow_runs(storage)
+    return {r.data.tags.get("dsdm.trial_id", "parent"): {
+        "run_id": r.info.run_id, "status": r.info.status, "parent": r.data.tags.get("mlflow.parentRunId"),
+        "start": r.info.start_time, "end": r.info.end_time, "final": "dsdm.final" in r.data.tags,
+        "counts": {k: len(client.get_metric_history(r.info.run_id, k)) for k in ("test_acc", "iteration")},
+        "steps": sorted({m.step for m in client.get_metric_history(r.info.run_id, "iteration")})}
+        for r in runs}
 
 
 def seed_corrupt_zoo(storage: Path, digits) -> Path:
@@ -112,43 +129,18 @@ def chain(tmp_path_factory, digits):
     tmp = tmp_path_factory.mktemp("faults")
     storage = tmp / "storage"
     state: dict = {"storage": storage, "tmp": tmp}
-    snapshot = seed_corrupt_zoo(storage, digits)
-    state["corrupt"] = snapshot.read_bytes()
-    procs = []
-    try:
-        # 1. corrupted zoo retrained; SIGINT mid-search: the first trial is done, the second has a checkpoint
-        procs.append(start(storage, tmp / "run1"))
-        state["rc1"], state["at1"] = interrupt_when(
-            procs[-1], storage, signal.SIGINT, lambda s: len(finished(s)) >= 1 and any(progress(s).values()))
-        state["done1"] = finished(storage)
-        state["zoo1"] = json.loads((storage / f"{NAME}.zoo.json").read_text())
-        state["files1"] = {t: (d / "result.json").read_bytes() for d in (storage / NAME).glob("run_trial_*")
-                           for t in [d.name.split("_")[2]] if t in state["done1"]}
-        client, runs = mlflow_trial_runs(storage)
-        state["runs1"] = {r.data.tags["dsdm.trial_id"]: (r.info.run_id, r.info.start_time, r.info.end_time)
-                          for r in runs if r.data.tags.get("dsdm.trial_id") in state["done1"]}
-        # 2. --resume; SIGTERM once the interrupted trial has checkpointed past where it stopped
-        procs.append(start(storage, tmp / "run2", "--resume"))
-        before = reports(storage)
-        state["rc2"], state["at2"] = interrupt_when(
-            procs[-1], storage, signal.SIGTERM,
-            lambda s: any(len(rows) > len(before.get(t, [])) for t, rows in reports(s).items() if t in progress(s)))
-        state["done2"] = finished(storage)
-        state["rows2"] = reports(storage)
-        state["zoo2"] = json.loads((storage / f"{NAME}.zoo.json").read_text())
-        # 3. --resume to the end
-        procs.append(start(storage, tmp / "run3", "--resume"))
-        state["rc3"] = procs[-1].wait(timeout=400)
-        state["zoo3"] = json.loads((storage / f"{NAME}.zoo.json").read_text())
-        for i in (1, 2, 3):
-            state[f"out{i}"] = (tmp / f"run{i}.out").read_text()
-            state[f"err{i}"] = (tmp / f"run{i}.err").read_text()
-        yield state
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    state["corrupt"] = seed_corrupt_zoo(storage, digits).read_bytes()
+    steps = [("run1", [], {"driver_checkpoint": "2:2@SIGINT"}),
+             ("run2", ["--resume"], {"driver_checkpoint": "2:4@SIGTERM"}),
+             ("run3", ["--resume"], {"trial_final_logged": "2@SIGINT,block"}),
+             ("run4", ["--resume"], {})]
+    for step, extra, points in steps:
+        proc = run_search(storage, tmp / step, *extra, env=search_env(tmp / f"faults-{step}", **points))
+        state[step] = {"rc": proc.returncode, "out": proc.stdout, "err": proc.stderr, "done": finished(storage),
+                       "reports": reports(storage), "mlflow": snapshot(storage),
+                       "zoo": json.loads((storage / f"{NAME}.zoo.json").read_text()),
+                       "fired": {f.stem: json.loads(f.read_text()) for f in (tmp / f"faults-{step}").glob("*.fired")}}
+    return state
 
 
 def last_line(text: str) -> str:
@@ -156,67 +148,105 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def second_trial(chain) -> str:
+    (fired,) = chain["run1"]["fired"].values()
+    return fired["trial"]
+
+
 def test_resume_after_sigint_exits_130_and_keeps_state(chain):
-    assert chain["rc1"] == 130, chain["err1"][-3000:]
-    assert last_line(chain["err1"]).startswith("tune.search: interrupted (SIGINT)"), chain["err1"][-2000:]
-    assert "--resume" in last_line(chain["err1"])
-    assert len(chain["done1"]) == 1 and len(chain["at1"]) == 1  # one trial done, one stopped mid-distillation
+    run = chain["run1"]
+    assert run["rc"] == 130, run["err"][-3000:]
+    assert last_line(run["err"]) == ("tune.search: interrupted (SIGINT); finished trials are saved, rerun the same "
+                                     "command with --resume to finish the others"), run["err"][-2000:]
+    trial = second_trial(chain)
+    assert len(run["done"]) == 1 and trial not in run["done"]  # trial 1 done, trial 2 stopped mid-distillation
+    assert [r["iteration"] for r in run["reports"][trial]] == [1, 2]  # stopped right after its checkpoint
 
 
 def test_resume_after_sigterm_exits_143_and_keeps_state(chain):
-    assert chain["rc2"] == 128 + signal.SIGTERM, chain["err2"][-3000:]
-    assert last_line(chain["err2"]).startswith("tune.search: interrupted (SIGTERM)"), chain["err2"][-2000:]
-    assert chain["done2"] == chain["done1"] and len(chain["at2"]) == 1
+    run = chain["run2"]
+    assert run["rc"] == 128 + signal.SIGTERM, run["err"][-3000:]
+    assert last_line(run["err"]).startswith("tune.search: interrupted (SIGTERM); finished trials are saved")
+    assert run["done"] == chain["run1"]["done"]
+    assert [r["iteration"] for r in run["reports"][second_trial(chain)]] == [1, 2, 3, 4]
 
 
 def test_resume_completes_remaining_trials(chain):
-    assert chain["rc3"] == 0, chain["err3"][-3000:]
-    table = pq.read_table(chain["storage"] / NAME / "trials.parquet").to_pandas()
+    run, storage = chain["run4"], chain["storage"]
+    assert run["rc"] == 0, run["err"][-3000:]
+    table = pq.read_table(storage / NAME / "trials.parquet").to_pandas()
     assert len(table) == SAMPLES and set(table["status"]) == {"DONE"}, table
-    assert set(table["trial_id"]) == set(reports(chain["storage"]))  # no extra trials were started
+    assert set(table["trial_id"]) == set(reports(storage))  # no extra trials were started
     assert (table["iteration"] == ITERATIONS).all()
-    (trial,) = chain["at1"]
-    rows = [r for r in reports(chain["storage"])[trial] if "test_acc" not in r]
-    iterations = [r["iteration"] for r in rows]
-    assert iterations == list(range(1, ITERATIONS + 1)), iterations  # continued twice, no iteration redone
-    resumed = sorted({r["resumed_from"] for r in rows})
-    assert len(resumed) == 3 and resumed[0] == 0 and resumed[1] >= 1, resumed  # two restarts from checkpoints
-    final = table.set_index("trial_id").loc[trial, "resumed_from"]
-    assert final == resumed[-1] >= chain["at1"][trial]
+    rows = [r for r in run["reports"][second_trial(chain)] if "test_acc" not in r]
+    assert [r["iteration"] for r in rows] == list(range(1, ITERATIONS + 1))  # no iteration redone
+    assert [r["resumed_from"] for r in rows] == [0, 0, 2, 2, 4, 4]  # continued from the checkpoints 2 and 4
 
 
 def test_resume_does_not_rerun_finished_trials(chain):
-    now = {t: (d / "result.json").read_bytes() for d in (chain["storage"] / NAME).glob("run_trial_*")
-           for t in [d.name.split("_")[2]]}
-    for trial_id, before in chain["files1"].items():
-        assert now[trial_id] == before, f"trial {trial_id} reported again after it had finished"
+    (first,) = chain["run1"]["done"]
+    assert chain["run4"]["reports"][first] == chain["run1"]["reports"][first]
+    assert chain["run4"]["mlflow"][first] == chain["run1"]["mlflow"][first]  # its MLflow run untouched
 
 
-def test_resume_mlflow_has_no_duplicate_runs(chain):
-    client, runs = mlflow_trial_runs(chain["storage"])
-    trials = [r for r in runs if "dsdm.trial_id" in r.data.tags]
-    parents = [r for r in runs if "dsdm.trial_id" not in r.data.tags]
-    assert len(parents) == 1
-    assert len(trials) == SAMPLES and len({r.data.tags["dsdm.trial_id"] for r in trials}) == SAMPLES
-    assert all(r.info.status == "FINISHED" for r in trials)
-    for r in trials:
-        assert len(client.get_metric_history(r.info.run_id, "test_acc")) == 1  # the final metrics logged once
-    for r in trials:  # runs of trials finished before the first interruption were not touched
-        trial = r.data.tags["dsdm.trial_id"]
-        if trial in chain["runs1"]:
-            assert (r.info.run_id, r.info.start_time, r.info.end_time) == chain["runs1"][trial]
+def test_final_metrics_logged_once_across_interrupt_between_mlflow_and_tune(chain):
+    """The fault between a trial's final MLflow write and Tune's save: MLflow has the final
+    metrics, Tune does not; the resumed trial re-reports them without evaluating again."""
+    trial = second_trial(chain)
+    run3 = chain["run3"]
+    assert run3["rc"] == 130, run3["err"][-3000:]
+    assert run3["fired"]["trial_final_logged"]["trial"] == trial
+    assert trial not in run3["done"] and run3["mlflow"][trial]["final"]  # in MLflow, not in Tune
+    client, _, runs = mlflow_runs(chain["storage"])
+    (run,) = [r for r in runs if r.data.tags.get("dsdm.trial_id") == trial]
+    for key in FINAL_METRICS:
+        assert len(client.get_metric_history(run.info.run_id, key)) == 1, key
+    final = [r for r in chain["run4"]["reports"][trial] if "test_acc" in r]
+    assert len(final) == 1 and final[0]["final_from_mlflow"] == 1  # re-reported, not re-evaluated
+    assert {k: final[0][k] for k in FINAL_METRICS} == {k: run.data.metrics[k] for k in FINAL_METRICS}
+    table = pq.read_table(chain["storage"] / NAME / "trials.parquet").to_pandas().set_index("trial_id")
+    assert Path(table.loc[trial, "set_path"]).is_file()  # the set came back from MLflow's artifacts
+
+
+def test_resume_mlflow_runs_nested_finished_and_counted_once(chain):
+    runs = chain["run4"]["mlflow"]
+    parent = runs.pop("parent")
+    assert parent["status"] == "FINISHED" and parent["parent"] is None
+    assert len(runs) == SAMPLES
+    for trial, run in runs.items():
+        assert run["status"] == "FINISHED" and run["parent"] == parent["run_id"], (trial, run)
+        assert run["counts"]["test_acc"] == 1 and run["steps"] == list(range(1, ITERATIONS + 1)), (trial, run)
+    # Progress metrics are at-least-once: a trial Tune is stopping may log an iteration past its last
+    # checkpoint, and the resumed attempt logs that step again (same step, same value). Never the final ones.
+    (first,) = chain["run1"]["done"]
+    assert runs[first]["counts"] == {"test_acc": 1, "iteration": ITERATIONS + 1}  # 6 reports + final
+
+
+def test_interrupted_runs_end_killed_not_running(chain):
+    trial = second_trial(chain)
+    for step in ("run1", "run2"):
+        runs = chain[step]["mlflow"]
+        assert runs["parent"]["status"] == "KILLED", runs
+        assert runs[trial]["status"] == "KILLED", runs
+    assert "RUNNING" not in {r["status"] for step in ("run1", "run2", "run3") for r in chain[step]["mlflow"].values()}
+
+
+def test_experiment_opens_as_model_training(chain):
+    _, exp, _ = mlflow_runs(chain["storage"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_fault_corrupt_zoo_snapshot_is_detected_and_retrained(chain):
     from dsdm.zoo import ModelZoo
 
-    recovered = chain["zoo1"].get("recovered")
-    assert recovered and "sha256" in recovered["error"] and "model000_epoch001.pt" in recovered["error"], chain["zoo1"]
-    assert "failed its integrity check" in chain["out1"]
-    assert chain["zoo1"]["trained"] is True and sorted(m["index"] for m in chain["zoo1"]["models"]) == [0, 1]
+    zoo1 = chain["run1"]["zoo"]
+    recovered = zoo1.get("recovered")
+    assert recovered and "sha256" in recovered["error"] and "model000_epoch001.pt" in recovered["error"], zoo1
+    assert "failed its integrity check" in chain["run1"]["out"]
+    assert zoo1["trained"] is True and sorted(m["index"] for m in zoo1["models"]) == [0, 1]
     aside = Path(recovered["moved_to"])
     assert (aside / "model000_epoch001.pt").read_bytes() == chain["corrupt"]  # kept for inspection, not deleted
-    zoo = ModelZoo.load(chain["zoo1"]["folder"])  # the retrained zoo passes its checksums
+    zoo = ModelZoo.load(zoo1["folder"])  # the retrained zoo passes its checksums
     assert zoo.num_models == 2
-    for later in ("zoo2", "zoo3"):  # and is reused by the resumed runs
-        assert chain[later]["trained"] is False and "recovered" not in chain[later]
+    for later in ("run2", "run3", "run4"):  # and is reused by the resumed runs
+        assert chain[later]["zoo"]["trained"] is False and "recovered" not in chain[later]["zoo"]

@@ -65,10 +65,44 @@ def test_search_smoke_mlflow_records(search):
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
     assert all("acc_mean/convnet3" in r.data.metrics for r in trials)
     assert all(r.data.params["distill.ipc"] == "10" for r in trials)
-    cross = [r for r in trials if "acc_mean/resnet10" in r.data.metrics]
-    assert len(cross) == 1 and "acc_mean/densenet121" in cross[0].data.metrics
+    cross = [r for r in trials if "xarch/acc_mean/resnet10" in r.data.metrics]
+    assert len(cross) == 1 and "xarch/acc_mean/densenet121" in cross[0].data.metrics
     best = max(trials, key=lambda r: r.data.metrics["val_acc"])
     assert best.info.run_id == cross[0].info.run_id  # the cross-arch evaluation went to the best trial
+
+
+def test_search_smoke_cross_arch_keys_apart_from_the_trials_own(search):
+    """The trial's 2-network ConvNet-3 evaluation and the cross-arch 4-network one of the same set
+    have their own keys, so MLflow, trials.md and the Parquet table agree on each."""
+    from mlflow.tracking import MlflowClient
+
+    storage, proc = search
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+    (run,) = [r for r in mlflow_runs(storage) if "xarch/acc_mean/convnet3" in r.data.metrics]
+    m = run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "acc_mean/convnet3")) == 1
+    assert "acc_run2/convnet3" not in m and "xarch/acc_run3/convnet3" in m  # 2 networks vs 2 + 2
+    table = pq.read_table(storage / "digits-ipc10-smoke" / "trials.parquet").to_pandas().set_index("trial_id")
+    row = table.loc[run.data.tags["dsdm.trial_id"]]
+    assert row["test_acc"] == m["acc_mean/convnet3"]
+    assert row["xarch/convnet3"] == f"{m['xarch/acc_mean/convnet3']:.2f} ± {m['xarch/acc_std/convnet3']:.2f}"
+    assert f"{m['xarch/acc_mean/convnet3']:.2f} ± " in (storage / "digits-ipc10-smoke" / "trials.md").read_text()
+
+
+def test_search_smoke_cross_arch_prints_one_line_per_network(search):
+    _, proc = search
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("cross-arch: trial ")]
+    assert len(lines) == 4 + 2 + 2, proc.stdout[-3000:]  # ConvNet-3 (runs + 2), ResNet-10, DenseNet-121
+    assert lines[-1].endswith("(8/8 networks, " + lines[-1].rsplit(", ", 1)[1])
+    assert all("% test accuracy (" in line and "s elapsed)" in line for line in lines)
+
+
+def test_search_smoke_experiment_is_a_model_training_experiment(search):
+    from mlflow.tracking import MlflowClient
+
+    storage, _ = search
+    exp = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}").get_experiment_by_name("dsdm-digits-ipc10")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_search_resume_reuses_zoo_and_reruns_nothing(search):

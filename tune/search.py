@@ -5,12 +5,15 @@ This is the one module that assembles Ray objects; the method lives in `dsdm/`.
 
 Bad input is refused before Ray starts (one line on stderr naming the fix, exit code 2,
 nothing written); SIGINT and SIGTERM stop the search after Tune saved its state (exit
-130/143), and `--resume` finishes it. docs/reliability.md lists what was tried.
+130/143), and `--resume` finishes it. One search per experiment folder at a time (a lock
+file holds its pid and host). docs/reliability.md lists what was tried.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import signal
 import socket
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dsdm.cli import HelpFormatter
 from dsdm.config import BUDGETS, Config, make_config
 from dsdm.errors import DsdmError
 
@@ -28,34 +32,49 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # val_acc arrives with the last report
 
 
+BUDGET_HELP = ("preset of iterations, epochs and zoo size: paper = the paper's settings (hours on a GPU), "
+               "cpu = minutes on a CPU, resolve = sweeps sized to resolve their effects on 2 cores (hours), "
+               "smoke = seconds, numbers meaningless")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither inf nor nan (those would only fail inside a trial)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tune.search", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits")
+    p = argparse.ArgumentParser(prog="python -m tune.search", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--dataset", default="digits", help="digits, mnist, fashionmnist, svhn, cifar10, cifar100, speechcommands")
     p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
     p.add_argument("--offline", action="store_true", help="never download datasets")
-    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--ipc", type=int, default=10, help="stored images per class")
     p.add_argument("--num-samples", type=int, default=20, help="trials Optuna proposes")
-    p.add_argument("--budget", default="paper", choices=list(BUDGETS))
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS), help=BUDGET_HELP)
     p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start Ray here")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--storage", default=os.environ.get("DSDM_STORAGE", "runs"),
-                   help="Tune results (a folder, or s3://... / gs://... on a multi-node cluster); default $DSDM_STORAGE or runs")
+                   help="Tune results (a folder, or s3://... / gs://... on a multi-node cluster); $DSDM_STORAGE if set")
     p.add_argument("--local-dir", type=Path, default=Path("runs"),
                    help="zoo cache, trial tables and the default MLflow sqlite when --storage is a URI")
     p.add_argument("--name", help="experiment folder under --storage (default DATASET-ipcN-BUDGET)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
     p.add_argument("--mlflow-uri", default=os.environ.get("DSDM_MLFLOW_URI"),
                    help="tracking server URL (default $DSDM_MLFLOW_URI, else a sqlite file under --storage)")
-    p.add_argument("--trial-cpus", type=float, default=1)
-    p.add_argument("--trial-gpus", type=float, default=0)
-    p.add_argument("--zoo-cpus", type=float, default=1, help="CPUs per pre-training actor")
-    p.add_argument("--zoo-gpus", type=float, default=0, help="GPUs per pre-training actor (fractions allowed)")
+    p.add_argument("--trial-cpus", type=finite_float, default=1, help="CPUs per trial")
+    p.add_argument("--trial-gpus", type=finite_float, default=0, help="GPUs per trial (fractions allowed)")
+    p.add_argument("--zoo-cpus", type=finite_float, default=1, help="CPUs per pre-training actor")
+    p.add_argument("--zoo-gpus", type=finite_float, default=0, help="GPUs per pre-training actor (fractions allowed)")
     p.add_argument("--zoo-actors", type=int, help="actors in the pool (default: as many as fit)")
-    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
+    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo", help="Tune trial scheduler")
     p.add_argument("--proxy-every", type=int, default=0, help="iterations between proxy val accuracies (ASHA)")
     p.add_argument("--fix", nargs="*", default=[], metavar="KEY=VALUE", help="remove a key from the space, e.g. lambda1=50")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
-    p.add_argument("--cross-arch", choices=["best", "all", "none"], default="best")
+    p.add_argument("--cross-arch", choices=["best", "all", "none"], default="best",
+                   help="which trials' sets are evaluated on ConvNet-3, ResNet-10 and DenseNet-121 afterwards")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler and distillation seed")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
     return p
@@ -95,6 +114,110 @@ def check_storage(storage: Path) -> Path:
     except OSError as exc:
         raise DsdmError(f"storage path '{storage}' is not writable ({exc.strerror}); pass --storage DIR you can write") from None
     return storage
+
+
+def space_needed(cfg: Config, dataset, num_samples: int, zoo_on_disk: bool) -> int:
+    """Bytes a search writes under --storage, roughly and on the high side: the zoo's snapshots,
+    per trial Tune's kept checkpoints (distiller state, set, grid) and the MLflow artifacts,
+    plus the MLflow sqlite file and Tune's state."""
+    from dsdm.models import count_parameters, get_model
+    from dsdm.zoo import zoo_arch
+
+    zoo = 0
+    if not zoo_on_disk:
+        net = get_model(zoo_arch(cfg.zoo, dataset), dataset.channels, dataset.num_classes, tuple(dataset.image_size))
+        zoo = 4 * count_parameters(net) * cfg.zoo.num_models * len(cfg.zoo.snapshots)
+    images = cfg.distill.ipc * dataset.num_classes * dataset.channels * math.prod(dataset.image_size) * 4
+    return zoo + num_samples * (12 * images + 256 * 1024) + 2 * 1024 * 1024
+
+
+def mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def check_free_space(storage: Path, needed: int) -> None:
+    import shutil
+
+    free = shutil.disk_usage(storage).free
+    if free < needed:
+        raise DsdmError(f"storage '{storage}' has {mb(free)} free but this search needs about {mb(needed)}; "
+                        "free space there or pass --storage on a larger disk")
+
+
+FULL_DISK = ("No space left on device", "database or disk is full")  # OSError's, sqlite's (MLflow) words
+
+
+def disk_full(exc: BaseException, storage: Path) -> DsdmError | None:
+    """The one-line error for a full disk, wherever it surfaced (here, or inside a trial); else None.
+    A full disk also breaks Tune in other words (an empty error pickle: `EOFError: Ran out of input`),
+    so an error while the storage has under 1 MB free counts as one too."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(storage).free
+    except OSError:
+        free = None
+    said = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(m in str(exc) for m in FULL_DISK)
+    if not (said or (free is not None and free < 2**20)):
+        return None
+    where = getattr(exc, "filename", None) or storage
+    return DsdmError(f"no space left on device writing '{where}' ({mb(free or 0)} free under '{storage}'); free "
+                     "space there (or pass --storage on a larger disk), then rerun the same command with --resume")
+
+
+@contextmanager
+def search_lock(lock: Path, prog: str = "tune.search"):
+    """One search per experiment folder: `lock` holds {pid, host}. A second search on the folder
+    stops with one line naming the holder; a lock left by a dead process on this host is taken over."""
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    unreadable = 0
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):  # being written (or gone) this instant; empty for good: stale
+                unreadable += 1
+                if unreadable < 50:
+                    time.sleep(0.1)
+                    continue
+                holder = {"pid": 0, "host": me["host"]}
+            if holder.get("host") != me["host"] or _alive(int(holder.get("pid", 0))):
+                raise DsdmError(f"'{lock.with_suffix('')}' is in use by another search (pid {holder.get('pid')} on "
+                                f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or pass "
+                                f"--name NEW (if that process is gone, delete '{lock}')") from None
+            print(f"{prog}: taking over the stale lock '{lock}' of pid {holder.get('pid')} on {holder.get('host')} "
+                  "(that process has ended)", file=sys.stderr)
+            stale = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+            try:
+                os.replace(lock, stale)  # one taker wins; the others see the winner's lock next round
+                stale.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(me))
+        break
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def check_fixed(budget: str, fixed: dict[str, str], sets: list[str]) -> None:
@@ -213,6 +336,24 @@ class GracefulStop:
 STOP = GracefulStop()
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop by signal, carrying the advice that works from where the search stopped."""
+
+    def __init__(self, advice: str):
+        super().__init__(advice)
+        self.advice = advice
+
+
+def resume_advice(tune_path: str, path: Path, remote: bool) -> str:
+    from ray import tune
+
+    if tune.Tuner.can_restore(tune_path):
+        return "finished trials are saved, rerun the same command with --resume to finish the others"
+    if not remote and path.exists():
+        return f"nothing was saved to resume; delete '{path}' and rerun the same command without --resume"
+    return "nothing was saved to resume yet; rerun the same command without --resume"
+
+
 def start_ray(address: str | None, num_cpus: int | None) -> None:
     import ray
 
@@ -240,6 +381,8 @@ def make_tuner(args, cfg: Config, space: dict, tune_path: str, trainable, resume
     from ray.tune.search.optuna import OptunaSearch
     import optuna
 
+    from tune.trainable import FaultPoints
+
     if resume:
         return tune.Tuner.restore(tune_path, trainable, resume_errored=True)
     import ray
@@ -261,7 +404,7 @@ def make_tuner(args, cfg: Config, space: dict, tune_path: str, trainable, resume
                                     num_samples=args.num_samples),
         run_config=tune.RunConfig(
             name=tune_path.rstrip("/").rsplit("/", 1)[1], storage_path=tune_path.rstrip("/").rsplit("/", 1)[0],
-            verbose=1,
+            verbose=1, callbacks=[FaultPoints()],
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -290,10 +433,11 @@ def trial_table(results, space_keys: list[str]):
 CROSS_ARCHS = ("convnet3", "resnet10", "densenet121")
 
 
-def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float, skip: set[str]) -> dict[str, dict]:
+def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float, skip: set[str],
+                   progress=print) -> dict[str, dict]:
     """ResNet-10, DenseNet-121 and a longer ConvNet-3 evaluation of the best (or every) set, as
     Ray tasks, one per network so that the slow DenseNet-121 runs spread over the CPUs; trials in
-    `skip` were evaluated by an earlier (resumed) invocation."""
+    `skip` were evaluated by an earlier (resumed) invocation. One line per network finished."""
     import ray
 
     from dsdm.evaluate import merge_results
@@ -303,23 +447,39 @@ def run_cross_arch(table, data_ref, cfg: Config, which: str, trial_cpus: float, 
     chosen = done if which == "all" else done.head(1)
     chosen = chosen[~chosen["trial_id"].isin(skip)]
     eval_cfg = {**{k.split(".", 1)[1]: v for k, v in cfg.plain().items() if k.startswith("eval.")}}
-    tasks: dict[tuple[str, str], list] = {}
+    owner: dict = {}  # ref -> (trial id, arch)
     for arch in sorted(CROSS_ARCHS, key=lambda a: a != "densenet121"):  # the longest tasks first
         runs = cfg.eval.runs + 2 if arch == "convnet3" else cfg.eval.runs  # "ConvNet-3 with more runs"
         task_cfg = {**eval_cfg, "archs": [arch], "runs": runs}
         for _, row in chosen.iterrows():
-            tasks[(row["trial_id"], arch)] = cross_arch_refs(row["set_path"], data_ref, task_cfg, trial_cpus)
+            for ref in cross_arch_refs(row["set_path"], data_ref, task_cfg, trial_cpus):
+                owner[ref] = (row["trial_id"], arch)
+    results: dict = {}
+    pending, start = list(owner), time.time()
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        (trial_id, arch), results[ready[0]] = owner[ready[0]], ray.get(ready[0])
+        progress(f"cross-arch: trial {trial_id} {arch} network done, {results[ready[0]][arch]['runs'][0]:.2f}% "
+                 f"test accuracy ({len(results)}/{len(owner)} networks, {time.time() - start:.0f}s elapsed)")
     out: dict[str, dict] = {}
-    for (trial_id, arch), refs in tasks.items():
-        out.setdefault(trial_id, {}).update(merge_results(ray.get(refs)))
+    for key in dict.fromkeys(owner.values()):  # networks joined in run order, not finishing order
+        out.setdefault(key[0], {}).update(merge_results([results[r] for r, k in owner.items() if k == key]))
     return out
 
 
 def write_tables(table, path: Path) -> tuple[Path, Path]:
+    from tune.zoo import fault_point
+
     md, pq = path / "trials.md", path / "trials.parquet"
     tmp_md, tmp_pq = md.with_suffix(".md.tmp"), pq.with_suffix(".parquet.tmp")
-    tmp_md.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
-    table.to_parquet(tmp_pq, engine="pyarrow", index=False)
+    try:
+        fault_point("tables_enospc", "write", path=tmp_md)
+        tmp_md.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+        table.to_parquet(tmp_pq, engine="pyarrow", index=False)
+    except OSError:  # a full disk: no half-written table is left behind
+        tmp_md.unlink(missing_ok=True)
+        tmp_pq.unlink(missing_ok=True)
+        raise
     os.replace(tmp_md, md)
     os.replace(tmp_pq, pq)
     return md, pq
@@ -351,12 +511,25 @@ def main(argv: list[str] | None = None) -> int:
     except DsdmError as exc:
         print(f"tune.search: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         name = STOP.signal or "SIGINT"
-        print(f"tune.search: interrupted ({name}); finished trials are saved, rerun the same command with "
-              "--resume to finish the others", file=sys.stderr)
+        advice = getattr(exc, "advice", "rerun the same command with --resume to finish the others")
+        print(f"tune.search: interrupted ({name}); {advice}", file=sys.stderr)
         return 128 + signal.Signals[name].value
     return 0
+
+
+def paper_on_cpu_note(budget: str, gpus: float, num_samples: int, prog: str = "tune.search") -> None:
+    """`--budget paper` is the GPU preset: on a machine without one, say what it costs (one line)."""
+    import torch
+
+    if budget != "paper" or gpus > 0 or torch.cuda.is_available():
+        return
+    # README: 4 cpu-budget trials on digits took ~3 min on 2 cores; paper has 50x the iterations at 4x the
+    # real batch and 30x the evaluation epochs: at least ~50 min per trial on digits, more on larger data
+    hours = max(1, round(num_samples * 50 / 60))
+    print(f"{prog}: note: --budget paper is the GPU preset (at least {hours} h for {num_samples} trials on this "
+          "CPU-only machine); pass --budget cpu for a run of minutes", file=sys.stderr, flush=True)
 
 
 def run_search(args: argparse.Namespace) -> dict:
@@ -379,23 +552,74 @@ def run_search(args: argparse.Namespace) -> dict:
     name = args.name or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}-{args.budget}"
     path = storage / name  # local: tables, zoo record; also Tune's folder unless remote
     tune_path = f"{str(args.storage).rstrip('/')}/{name}" if remote else str(path)
-    if not remote and path.exists() and not args.resume:
-        raise DsdmError(f"'{path}' already holds a search; pass --resume to continue it or --name NEW for a new one")
-    if args.resume and not tune.Tuner.can_restore(tune_path):
-        raise DsdmError(f"nothing to resume at '{tune_path}'; run without --resume first")
-    uri = args.mlflow_uri or tracking.default_uri(storage)
-    tracking.quiet_mlflow()
-    tracking.check_reachable(uri)
-    check_ray_address(args.address)
-    from dsdm.data import load_dataset  # torch: the first expensive import
+    with search_lock(storage / f"{name}.lock"):
+        if not remote and path.exists() and not args.resume:
+            raise DsdmError(f"'{path}' already holds a search; pass --resume to continue it or --name NEW for a new one")
+        if args.resume and not tune.Tuner.can_restore(tune_path):
+            raise DsdmError(f"nothing to resume at '{tune_path}'; run without --resume first")
+        uri = args.mlflow_uri or tracking.default_uri(storage)
+        tracking.quiet_mlflow()
+        tracking.check_reachable(uri)
+        check_ray_address(args.address)
+        from dsdm.data import load_dataset  # torch: the first expensive import
 
-    dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
-    check_ipc_fits(dataset, cfg)
-    return _run_checked(args, cfg, space, storage, path, tune_path, dataset, uri, t0)
+        dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction,
+                               cfg.data.seed)
+        check_ipc_fits(dataset, cfg)
+        check_free_space(storage, space_needed(cfg, dataset, args.num_samples, zoo_on_disk=args.resume))
+        paper_on_cpu_note(args.budget, args.trial_gpus, args.num_samples)
+        try:
+            return _run_checked(args, cfg, space, storage, path, tune_path, dataset, uri, t0)
+        except KeyboardInterrupt:
+            raise Interrupted(resume_advice(tune_path, path, remote)) from None
+        except Exception as exc:  # a full disk surfaces as OSError, or inside Ray's, Tune's or torch's errors
+            error = None if isinstance(exc, DsdmError) else disk_full(exc, storage)
+            if error is None:
+                raise
+            raise error from None
 
 
 def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune_path: str, dataset, uri: str,
                  t0: float) -> dict:
+    from tune import tracking
+
+    experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
+                                               storage / "mlartifacts")
+    search_id = tune_path
+    parent = tracking.search_run(uri, experiment_id, search_id, name=f"search-{path.name}")
+    try:
+        tracking.log_params(uri, parent, {**cfg.plain(), "search.num_samples": args.num_samples,
+                                          "search.scheduler": args.scheduler, "search.space": json.dumps(sorted(space))})
+        table, zoo_info = _tune_and_cross_arch(args, cfg, space, storage, path, tune_path, dataset, uri,
+                                               experiment_id, parent)
+        md, pq = write_tables(table, path)
+        done = table[table["status"] == "DONE"]
+        if done.empty:  # every trial errored: a failed search, whatever Tune returned
+            raise no_trial_done(path)
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:  # best effort: on a full disk MLflow may not be writable either; a resume reopens the runs
+            tracking.close_open_runs(uri, experiment_id, search_id, status)
+        except Exception:
+            pass
+        raise
+    best = table.iloc[0].to_dict()
+    tracking.log_metrics(uri, parent, {"best_val_acc": best.get("val_acc") or float("nan"),
+                                       "best_test_acc": best.get("test_acc") or float("nan"),
+                                       "search_seconds": time.time() - t0})
+    tracking.log_artifacts(uri, parent, [md, pq])
+    tracking.close_open_runs(uri, experiment_id, search_id, "FAILED", keep=parent)  # trials that died unreported
+    tracking.finish(uri, parent)
+    print(table.to_markdown(index=False, floatfmt=".4g"))
+    print(f"\nbest (by validation accuracy): {json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")
+    print(f"best distilled set: {best.get('set_path', '')}")
+    print(f"tables: {md} {pq}\nMLflow: mlflow ui --backend-store-uri {uri}")
+    print(f"search wall time: {time.time() - t0:.1f}s")
+    return {"table": table, "path": path, "zoo": zoo_info, "mlflow_uri": uri}
+
+
+def _tune_and_cross_arch(args, cfg: Config, space: dict, storage: Path, path: Path, tune_path: str, dataset,
+                         uri: str, experiment_id: str, parent: str):
     import ray
     from ray import tune
 
@@ -403,14 +627,7 @@ def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune
     from tune.trainable import run_trial
     from tune.zoo import load_or_train_zoo_on_pool, put_dataset
 
-    experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
-                                               storage / "mlartifacts")
     search_id = tune_path
-    parent = tracking.find_or_create_run(uri, experiment_id, {tracking.SEARCH_TAG: search_id},
-                                         tracking.SEARCH_TAG, name=f"search-{path.name}")
-    tracking.log_params(uri, parent, {**cfg.plain(), "search.num_samples": args.num_samples,
-                                      "search.scheduler": args.scheduler, "search.space": json.dumps(sorted(space))})
-
     start_ray(args.address, args.num_cpus)
     STOP.install()  # ray.init replaced the SIGTERM handler
     try:
@@ -438,33 +655,31 @@ def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune
             raise KeyboardInterrupt  # Tune saved its state; finished trials stay finished
 
         table = trial_table(results, sorted(space))
-        if args.cross_arch != "none":
-            previous = tracking.cross_arch_results(uri, experiment_id, search_id, CROSS_ARCHS)
-            cross = run_cross_arch(table, data_ref, cfg, args.cross_arch, args.trial_cpus, set(previous))
+        if args.cross_arch != "none" and (table["status"] == "DONE").any():
+            previous = tracking.cross_arch_results(uri, experiment_id, search_id, CROSS_ARCHS, prefix=tracking.XARCH)
+            cross = run_cross_arch(table, data_ref, cfg, args.cross_arch, args.trial_cpus, set(previous),
+                                   progress=lambda line: print(line, flush=True))
             for trial_id, res in cross.items():
-                run_id = tracking.find_or_create_run(uri, experiment_id, {tracking.TRIAL_TAG: trial_id},
-                                                     tracking.TRIAL_TAG, name=f"trial-{trial_id}")
-                tracking.log_metrics(uri, run_id, tracking.eval_metrics(res))
+                run_id, _ = tracking.trial_run(uri, experiment_id, search_id, trial_id, parent)
+                tracking.log_metrics(uri, run_id, tracking.eval_metrics(res, prefix=tracking.XARCH))
             for trial_id, res in {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
                                                  for t, v in cross.items()}}.items():
                 for arch, (mean, std) in res.items():
-                    table.loc[table["trial_id"] == trial_id, f"acc/{arch}"] = f"{mean:.2f} ± {std:.2f}"
+                    table.loc[table["trial_id"] == trial_id, f"{tracking.XARCH}{arch}"] = f"{mean:.2f} ± {std:.2f}"
     finally:
         ray.shutdown()
+    return table, zoo_info
 
-    md, pq = write_tables(table, path)
-    best = table.iloc[0].to_dict() if len(table) else {}
-    tracking.log_metrics(uri, parent, {"best_val_acc": best.get("val_acc") or float("nan"),
-                                       "best_test_acc": best.get("test_acc") or float("nan"),
-                                       "search_seconds": time.time() - t0})
-    tracking.log_artifacts(uri, parent, [md, pq])
-    tracking.finish(uri, parent)
-    print(table.to_markdown(index=False, floatfmt=".4g"))
-    print(f"\nbest (by validation accuracy): {json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")
-    print(f"best distilled set: {best.get('set_path', '')}")
-    print(f"tables: {md} {pq}\nMLflow: mlflow ui --backend-store-uri {uri}")
-    print(f"search wall time: {time.time() - t0:.1f}s")
-    return {"table": table, "path": path, "zoo": zoo_info, "mlflow_uri": uri}
+
+def no_trial_done(path: Path) -> DsdmError:
+    """Every trial errored: one line quoting the first trial's error (Tune's error.txt)."""
+    errors = sorted(path.glob("*/error.txt"), key=lambda f: int(f.parent.name.split("_")[3]))  # <name>_<id>_<n>_
+    text = errors[0].read_text() if errors else ""
+    if any(m in text for m in FULL_DISK):
+        return disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path.parent)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = next((line for line in reversed(lines) if not line.startswith(("File ", "^", "~"))), "no error recorded")
+    return DsdmError(f"no trial finished; the first trial's error: {first[:300]} (all errors: {path}/*/error.txt)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """MLflow records: one experiment per dataset x IPC, a parent run per search, a nested run per trial.
 
-Runs are found again by tags (search id, trial id), so a resumed search or a retried
-trial logs into the run it already has instead of creating a duplicate.
+Runs are found again by tags, always scoped by the search id (the parent: the search's run
+without a trial tag; a trial: search id + trial id), so a resumed search or a retried trial
+logs into the run it already has, under its own parent. A trial's final metrics and the
+`dsdm.final` marker go in one atomic batch: a trial that finds the marker re-reports those
+values instead of evaluating and logging again (exactly once, whatever was interrupted).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import time
@@ -16,6 +21,10 @@ from dsdm.errors import DsdmError
 SEARCH_TAG = "dsdm.search_id"
 TRIAL_TAG = "dsdm.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting in the UI
+FINAL_TAG = "dsdm.final"  # JSON of a trial's final metrics, written in the same batch as them
+XARCH = "xarch/"  # prefix of the cross-architecture evaluation's keys (the trial's own are unprefixed)
+# MLflow 3 opens an experiment by its kind; untagged ones may open on the GenAI "Traces" page
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_uri(storage: Path) -> str:
@@ -51,22 +60,92 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                         "start it (`mlflow server ...`) or drop --mlflow-uri to use the sqlite file") from None
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialise MLflow store creation on a sqlite file: two searches starting together on a new
+    storage folder would otherwise race on the schema migration ("duplicate column name")."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None) -> str:
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    with store_lock(uri):
+        client = _client(uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+            exp_id = client.create_experiment(name, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        if exp is None or exp.tags.get(KIND_TAG) != KIND:
+            client.set_experiment_tag(exp_id, KIND_TAG, KIND)
+        return exp_id
+
+
+def _search(uri: str, experiment_id: str, tags: dict[str, str]) -> list:
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return _client(uri).search_runs([experiment_id], filter_string=where)
 
 
 def find_or_create_run(uri: str, experiment_id: str, tags: dict[str, str], key: str, name: str) -> str:
-    """The run carrying tag `key` = tags[key]; created if absent (idempotent across resumes)."""
-    client = _client(uri)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{tags[key]}'", max_results=1)
+    """The run carrying tag `key` = tags[key] (and the same search id, when `tags` has one);
+    created if absent (idempotent across resumes)."""
+    scope = {k: tags[k] for k in (key, SEARCH_TAG) if k in tags}
+    found = _search(uri, experiment_id, scope)
     if found:
         return found[0].info.run_id
-    return client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    return _client(uri).create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+
+def search_run(uri: str, experiment_id: str, search_id: str, name: str, tags: dict[str, str] | None = None) -> str:
+    """The search's parent run: the one with its search id and no trial id (trial runs carry the
+    search id too); reopened (RUNNING) when a resumed search finds it ended."""
+    found = [r for r in _search(uri, experiment_id, {SEARCH_TAG: search_id}) if TRIAL_TAG not in r.data.tags]
+    if not found:
+        return _client(uri).create_run(experiment_id, tags={SEARCH_TAG: search_id, **(tags or {})},
+                                       run_name=name).info.run_id
+    run = min(found, key=lambda r: r.info.start_time)
+    reopen(uri, run)
+    return run.info.run_id
+
+
+def trial_run(uri: str, experiment_id: str, search_id: str, trial_id: str, parent: str) -> tuple[str, dict | None]:
+    """(run id, final metrics or None) of a trial of this search, nested under `parent`."""
+    found = _search(uri, experiment_id, {SEARCH_TAG: search_id, TRIAL_TAG: trial_id})
+    if not found:
+        tags = {SEARCH_TAG: search_id, TRIAL_TAG: trial_id, PARENT_TAG: parent}
+        return _client(uri).create_run(experiment_id, tags=tags, run_name=f"trial-{trial_id}").info.run_id, None
+    run = found[0]
+    final = run.data.tags.get(FINAL_TAG)
+    if final is None:
+        reopen(uri, run)
+    return run.info.run_id, (json.loads(final) if final else None)
+
+
+def reopen(uri: str, run) -> None:
+    if run.info.status != "RUNNING":
+        _client(uri).update_run(run.info.run_id, status="RUNNING")
+
+
+def close_open_runs(uri: str, experiment_id: str, search_id: str, status: str, keep: str | None = None) -> int:
+    """End every run of this search still RUNNING (the parent, trials a stopped Tune never let
+    finish), except `keep`, as `status` (KILLED or FAILED); returns how many."""
+    open_runs = [r for r in _search(uri, experiment_id, {SEARCH_TAG: search_id})
+                 if r.info.status == "RUNNING" and r.info.run_id != keep]
+    for run in open_runs:
+        finish(uri, run.info.run_id, status)
+    return len(open_runs)
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
@@ -79,14 +158,30 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=todo[start:start + 100])
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def _metrics(metrics: dict[str, float], step: int):
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))]
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    batch = _metrics(metrics, step)
     if batch:
         _client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_final(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """A trial's final metrics and the FINAL_TAG marker in one batch (one sqlite transaction):
+    either both are in the run or neither is."""
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, metrics=_metrics(metrics, step), tags=[RunTag(FINAL_TAG, json.dumps(metrics))])
+
+
+def download_artifact(uri: str, run_id: str, name: str, folder: Path) -> Path:
+    return Path(_client(uri).download_artifacts(run_id, name, str(folder)))
 
 
 def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
@@ -100,27 +195,27 @@ def finish(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
-def eval_metrics(results: dict[str, dict]) -> dict[str, float]:
-    """acc_mean/<arch>, acc_std/<arch>, acc_run<i>/<arch> and val_acc_mean/<arch>."""
+def eval_metrics(results: dict[str, dict], prefix: str = "") -> dict[str, float]:
+    """acc_mean/<arch>, acc_std/<arch>, acc_run<i>/<arch> and val_acc_mean/<arch>, each after `prefix`
+    (XARCH for the cross-architecture evaluation, so it never overwrites the trial's own)."""
     out: dict[str, float] = {}
     for arch, r in results.items():
-        out[f"acc_mean/{arch}"] = r["mean"]
-        out[f"acc_std/{arch}"] = r["std"]
-        out[f"val_acc_mean/{arch}"] = r["val_mean"]
+        out[f"{prefix}acc_mean/{arch}"] = r["mean"]
+        out[f"{prefix}acc_std/{arch}"] = r["std"]
+        out[f"{prefix}val_acc_mean/{arch}"] = r["val_mean"]
         for i, acc in enumerate(r["runs"]):
-            out[f"acc_run{i}/{arch}"] = acc
+            out[f"{prefix}acc_run{i}/{arch}"] = acc
     return out
 
 
-def cross_arch_results(uri: str, experiment_id: str, search_id: str,
-                       archs: tuple[str, ...]) -> dict[str, dict[str, tuple[float, float]]]:
+def cross_arch_results(uri: str, experiment_id: str, search_id: str, archs: tuple[str, ...],
+                       prefix: str = "") -> dict[str, dict[str, tuple[float, float]]]:
     """{trial_id: {arch: (mean, std)}} for this search's trials that already have every arch."""
-    runs = _client(uri).search_runs([experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{search_id}'")
     out = {}
-    for run in runs:
+    for run in _search(uri, experiment_id, {SEARCH_TAG: search_id}):
         m, trial = run.data.metrics, run.data.tags.get(TRIAL_TAG)
-        if trial and all(f"acc_mean/{a}" in m for a in archs):
-            out[trial] = {a: (m[f"acc_mean/{a}"], m[f"acc_std/{a}"]) for a in archs}
+        if trial and all(f"{prefix}acc_mean/{a}" in m for a in archs):
+            out[trial] = {a: (m[f"{prefix}acc_mean/{a}"], m[f"{prefix}acc_std/{a}"]) for a in archs}
     return out
 
 

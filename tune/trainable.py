@@ -58,33 +58,55 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
     trial_id = tune.get_context().get_trial_id()
     uri = options["mlflow_uri"]
     tracking.quiet_mlflow()
-    run_id = tracking.find_or_create_run(
-        uri, options["experiment_id"],
-        {tracking.TRIAL_TAG: trial_id, tracking.PARENT_TAG: options["parent_run_id"],
-         tracking.SEARCH_TAG: options["search_id"]}, tracking.TRIAL_TAG, name=f"trial-{trial_id}")
-    tracking.log_params(uri, run_id, cfg.plain())
+    run_id, final = tracking.trial_run(uri, options["experiment_id"], options["search_id"], trial_id,
+                                       options["parent_run_id"])
+    if final is not None:  # evaluated and logged before an interrupt or crash; Tune never saved it
+        tracking.finish(uri, run_id)  # it may have been closed as KILLED or FAILED meanwhile
+        return report_logged_final(uri, run_id, final)
+    try:
+        fault_point("trial_start", trial_number(), trial=trial_id)
+        tracking.log_params(uri, run_id, cfg.plain())
+        start = time.time()
+        if d.method in SELECTORS:  # coreset baselines: real images picked in a zoo model's embedding
+            net = zoo.materialise(1, d.pretrain_epochs).model(0, d.pretrain_epochs, device) if d.method != "random" else None
+            distiller, resumed_from = None, 0
+            synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, cfg.plain())
+        else:
+            distiller, resumed_from = distill_with_checkpoints(cfg, dataset, zoo, device, uri, run_id, options)
+            synset = distiller.synthetic_set()
+        final = evaluate_and_save(synset, cfg, dataset, device)
+        final.update(distill_seconds=time.time() - start - final["eval_seconds"], resumed_from=resumed_from,
+                     zoo_pretrain_calls=dsdm_zoo.PRETRAIN_CALLS - pretrain_calls_before, iteration=d.iterations)
+        with tempfile.TemporaryDirectory() as folder:
+            if distiller is not None:
+                distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
+            for name, path in final.pop("files").items():
+                os.replace(path, Path(folder) / name)
+            # the set first, then metrics + marker in one batch: a crash in between re-evaluates, logs once
+            tracking.log_artifacts(uri, run_id, [Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
+            tracking.log_final(uri, run_id, final, step=d.iterations)
+            tracking.finish(uri, run_id)
+            fault_point("trial_final_logged", trial_number(), trial=trial_id)
+            tune.report({**final, "node": ray.get_runtime_context().get_node_id()},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+    except Exception:
+        tracking.finish(uri, run_id, "FAILED")  # Tune may retry it: the retry reopens the run
+        raise
 
-    start = time.time()
-    if d.method in SELECTORS:  # coreset baselines: real images picked in a zoo model's embedding
-        net = zoo.materialise(1, d.pretrain_epochs).model(0, d.pretrain_epochs, device) if d.method != "random" else None
-        distiller, resumed_from = None, 0
-        synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, cfg.plain())
-    else:
-        distiller, resumed_from = distill_with_checkpoints(cfg, dataset, zoo, device, uri, run_id, options)
-        synset = distiller.synthetic_set()
-    final = evaluate_and_save(synset, cfg, dataset, device)
-    final.update(distill_seconds=time.time() - start - final["eval_seconds"], resumed_from=resumed_from,
-                 zoo_pretrain_calls=dsdm_zoo.PRETRAIN_CALLS - pretrain_calls_before, iteration=d.iterations,
-                 node=ray.get_runtime_context().get_node_id())
-    tracking.log_metrics(uri, run_id, {k: v for k, v in final.items() if k not in ("files", "node")}, step=d.iterations)
+
+def trial_number() -> int:
+    """The n-th trial the search started (1, 2, ...): Tune's trial folders are `<name>_<id>_<n>_<params>`."""
+    context = tune.get_context()
+    return int(Path(context.get_trial_dir()).name.split(f"{context.get_trial_id()}_", 1)[1].split("_")[0])
+
+
+def report_logged_final(uri: str, run_id: str, final: dict[str, Any]) -> None:
+    """Hand Tune the final metrics and set already in MLflow, without evaluating or logging again."""
     with tempfile.TemporaryDirectory() as folder:
-        if distiller is not None:
-            distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
-        for name, path in final.pop("files").items():
-            os.replace(path, Path(folder) / name)
-        tracking.log_artifacts(uri, run_id, [Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
-        tracking.finish(uri, run_id)
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+        for name in (SET_FILE, GRID_FILE):
+            tracking.download_artifact(uri, run_id, name, Path(folder))
+        tune.report({**final, "final_from_mlflow": 1, "node": ray.get_runtime_context().get_node_id()},
+                    checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, uri: str, run_id: str,
@@ -154,3 +176,14 @@ def cross_arch_task(set_path: str, data: list, eval_cfg: dict, threads: int, run
     dataset = dataset_from_store(ray.get(data[0]))
     cfg = EvalConfig(**{**eval_cfg, "archs": tuple(eval_cfg["archs"])})
     return evaluate_set(SyntheticSet.load(set_path), dataset, cfg, resolve_device("auto"), run_ids=run_ids)
+
+
+class FaultPoints(tune.Callback):
+    """Driver-side fault point DSDM_FAULT_DRIVER_CHECKPOINT="<trial number>:<iteration>[@actions]":
+    fires once Tune has registered that trial's checkpoint of that iteration (so a stop that
+    follows keeps it, and the resumed trial continues right after it). Inert unless set."""
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        it = (trial.last_result or {}).get("iteration")
+        number = trial.experiment_tag.split("_")[0]  # the n of the trial's folder name
+        fault_point("driver_checkpoint", f"{number}:{it}", trial=trial.trial_id)

@@ -14,8 +14,10 @@ persisted zoo whose manifest checksums no longer match is moved aside and traine
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import time
 import warnings
 from collections import deque
@@ -38,30 +40,58 @@ MAX_SUBMITS = 3  # times the pool hands one model to an actor before giving up
 
 # --- fault injection (tests only; inert unless DSDM_FAULT_* is set) ---------------------------
 FAULT_ENV_PREFIX = "DSDM_FAULT_"
+FAULT_BLOCK_S = 300  # a blocked process gives up (exits) after this long, so no test hangs for ever
 
 
 def fault_env() -> dict[str, str]:
-    """The DSDM_FAULT_* variables of this process (the driver forwards them to Ray workers)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
+    """The DSDM_FAULT_* variables of this process (the driver forwards them to Ray workers), plus
+    DSDM_FAULT_DRIVER_PID: where a trial's `SIGINT`/`SIGTERM` action is sent."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
+    if env:
+        env.setdefault(FAULT_ENV_PREFIX + "DRIVER_PID", str(os.getpid()))
+    return env
 
 
-def fault_point(name: str, value: int, **context) -> None:
-    """Kill this process (os._exit, no cleanup, like an OOM kill) when DSDM_FAULT_<NAME> == value.
+def fault_point(name: str, where, **context) -> None:
+    """Fire the fault DSDM_FAULT_<NAME>="<where>[@<actions>]" when `where` matches; else nothing.
 
-    Fires once per search: the first process to get here creates DSDM_FAULT_DIR/<name>.fired
-    (O_EXCL) with `context` in it; later processes, including the restarted one, go on.
+    Actions, comma-separated, run in order (default `exit`):
+      exit     os._exit(1): the process dies without cleanup, like an OOM kill;
+      raise    a RuntimeError naming the fault (an error inside the trial);
+      enospc   an OSError(ENOSPC) for the path in context["path"], as a full disk raises it;
+      SIGINT / SIGTERM   that signal to the driver (DSDM_FAULT_DRIVER_PID, else this process);
+      block    wait until killed (the driver is stopping; gives up after FAULT_BLOCK_S).
+    Fires once per DSDM_FAULT_DIR: the first process to get here creates <dir>/<name>.fired
+    (O_EXCL) with `context` in it; later processes, including a restarted one, go on.
     """
-    target = os.environ.get(FAULT_ENV_PREFIX + name.upper())
+    spec = os.environ.get(FAULT_ENV_PREFIX + name.upper())
     folder = os.environ.get(FAULT_ENV_PREFIX + "DIR")
-    if target is None or folder is None or int(target) != int(value):
+    if spec is None or folder is None:
+        return
+    target, _, actions = spec.partition("@")
+    if target.strip() != str(where):
         return
     try:
         fd = os.open(Path(folder) / f"{name}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
     with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps({"fault": name, "value": value, "pid": os.getpid(), "time": time.time(), **context}))
-    os._exit(1)
+        fh.write(json.dumps({"fault": name, "value": where, "pid": os.getpid(), "time": time.time(), **context},
+                            default=str))
+    for action in (actions or "exit").split(","):
+        if action == "exit":
+            os._exit(1)
+        elif action == "raise":
+            raise RuntimeError(f"fault injected at {name}={where}")
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(context.get("path", "")))
+        elif action in ("SIGINT", "SIGTERM"):
+            os.kill(int(os.environ.get(FAULT_ENV_PREFIX + "DRIVER_PID", os.getpid())), getattr(signal, action))
+        elif action == "block":
+            time.sleep(FAULT_BLOCK_S)
+            os._exit(1)
+        else:
+            raise ValueError(f"unknown fault action '{action}' in {FAULT_ENV_PREFIX}{name.upper()}={spec}")
 
 
 # --- dataset through the object store --------------------------------------------------------
@@ -188,6 +218,7 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
             progress(f"zoo model {index + 1}/{cfg.num_models} done on node {result['node'][:8]} "
                      f"in {result['seconds']:.1f}s ({len(done)}/{cfg.num_models})"
                      + (" by a restarted actor" if result.get("restarted") else ""))
+            fault_point("driver_zoo_done", index)  # the driver interrupted in the zoo phase
     finally:
         release(actors)
     for index in sorted(done):  # model order = index, whatever finished first

@@ -1,0 +1,231 @@
+"""Records you can trust (issue 16): MLflow runs and trial tables stay right through a second
+search on the same folder, two new searches on one store, a full disk, an interrupt in the zoo
+phase, a search whose trials all fail, and odd values. Every fault fires at a NAMED point
+(tune.zoo.fault_point, DSDM_FAULT_*); the interrupt/resume chain is tests/test_faults.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from test_faults import NAME, last_line, run_search, search_env, snapshot
+
+from dsdm.errors import DsdmError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr[-2000:]
+    return lines[0]
+
+
+# --- finding 3: one search per experiment folder ------------------------------------------------
+def test_second_search_on_folder_exits_2_naming_the_holder(tmp_path):
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2026-12-01 10:00:00"}
+    lock = storage / f"{NAME}.lock"
+    lock.write_text(json.dumps(holder))  # this test process plays the running search
+    proc = run_search(storage, tmp_path / "second")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = one_error_line(proc.stderr)
+    assert line.startswith(f"tune.search: error: '{storage / NAME}' is in use by another search "
+                           f"(pid {os.getpid()} on {socket.gethostname()}, since 2026-12-01 10:00:00)"), line
+    assert json.loads(lock.read_text()) == holder and sorted(p.name for p in storage.iterdir()) == [lock.name]
+
+
+# --- findings 3 and 7: a stale lock is taken over; an interrupt in the zoo phase advises what works
+@pytest.fixture(scope="module")
+def zoo_interrupt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zoo_interrupt")
+    storage = tmp / "storage"
+    storage.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (storage / f"{NAME}.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "x"}))
+    first = run_search(storage, tmp / "first", env=search_env(tmp / "f1", driver_zoo_done="0@SIGINT"))
+    advice = last_line(first.stderr)
+    extra = ["--resume"] if "with --resume" in advice else []
+    again = run_search(storage, tmp / "again", *extra, env=search_env(tmp / "f2", driver_zoo_done="0@SIGINT"))
+    return {"storage": storage, "dead": dead.pid, "first": first, "again": again, "advice": advice,
+            "fired": [(tmp / f / "driver_zoo_done.fired").is_file() for f in ("f1", "f2")],
+            "mlflow": snapshot(storage)}
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(zoo_interrupt):
+    first = zoo_interrupt["first"]
+    taken = [line for line in first.stderr.splitlines() if "stale lock" in line]
+    assert taken == [f"tune.search: taking over the stale lock '{zoo_interrupt['storage'] / NAME}.lock' of pid "
+                     f"{zoo_interrupt['dead']} on {socket.gethostname()} (that process has ended)"], first.stderr[-2000:]
+    assert not (zoo_interrupt["storage"] / f"{NAME}.lock").exists()  # released when the search stopped
+
+
+def test_interrupt_in_zoo_phase_advises_the_command_that_works(zoo_interrupt):
+    first, again = zoo_interrupt["first"], zoo_interrupt["again"]
+    assert zoo_interrupt["fired"][0] and first.returncode == 130, first.stderr[-2000:]
+    assert zoo_interrupt["advice"] == ("tune.search: interrupted (SIGINT); nothing was saved to resume yet; "
+                                       "rerun the same command without --resume")
+    # following the advice gets past every check into the zoo phase again (not "nothing to resume", exit 2)
+    assert zoo_interrupt["fired"][1] and again.returncode == 130, again.stderr[-2000:]
+
+
+def test_interrupt_in_zoo_phase_ends_parent_killed(zoo_interrupt):
+    runs = zoo_interrupt["mlflow"]
+    assert list(runs) == ["parent"] and runs["parent"]["status"] == "KILLED", runs
+
+
+# --- finding 4: two searches creating one new MLflow store ---------------------------------------
+STORE = """
+import sys, time, pathlib
+go = pathlib.Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+from tune import tracking
+print(tracking.ensure_experiment(sys.argv[1], "dsdm-digits-ipc10", None))
+"""
+
+
+def test_two_searches_create_one_new_mlflow_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", STORE, uri, str(tmp_path / "go")], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    (tmp_path / "go").touch()  # all three start on the new store at once
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, created once
+
+
+# --- finding 5: a full disk ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def disk_full(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("disk_full")
+    storage = tmp / "storage"
+    full = run_search(storage, tmp / "full", env=search_env(tmp / "f", tables_enospc="write@enospc"), samples=1)
+    state = {"storage": storage, "full": full, "tmp_files": sorted(str(p) for p in storage.rglob("*.tmp")),
+             "mlflow_full": snapshot(storage)}
+    state["resumed"] = run_search(storage, tmp / "resumed", "--resume", samples=1)
+    state["mlflow_resumed"] = snapshot(storage)
+    return state
+
+
+def test_disk_full_one_line_exit_2_no_partial_files(disk_full):
+    full = disk_full["full"]
+    assert full.returncode == 2, full.stderr[-2000:]
+    table = disk_full["storage"] / NAME / "trials.md.tmp"
+    assert last_line(full.stderr).startswith(f"tune.search: error: no space left on device writing '{table}' ("), \
+        full.stderr[-2000:]
+    assert last_line(full.stderr).endswith("then rerun the same command with --resume")
+    assert disk_full["tmp_files"] == []
+
+
+def test_disk_full_marks_parent_failed_and_resume_finishes(disk_full):
+    runs = disk_full["mlflow_full"]
+    assert runs["parent"]["status"] == "FAILED" and "RUNNING" not in {r["status"] for r in runs.values()}, runs
+    resumed = disk_full["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    table = pq.read_table(disk_full["storage"] / NAME / "trials.parquet").to_pandas()
+    assert list(table["status"]) == ["DONE"]
+    after = disk_full["mlflow_resumed"]
+    assert after["parent"]["status"] == "FINISHED" and after["parent"]["run_id"] == runs["parent"]["run_id"]
+    (trial,) = [t for t in after if t != "parent"]
+    assert after[trial]["counts"]["test_acc"] == 1 and after[trial]["parent"] == after["parent"]["run_id"]
+
+
+def test_too_little_free_space_is_refused_up_front(tmp_path, digits):
+    from dsdm.config import make_config
+    from tune.search import check_free_space, space_needed
+
+    cfg = make_config("smoke", {"data.dataset": "digits"})
+    needed = space_needed(cfg, digits, num_samples=2, zoo_on_disk=False)
+    assert 4 * 2**20 < needed < 16 * 2**20  # a smoke search: a few MB (MLflow's sqlite file is most of it)
+    check_free_space(tmp_path, needed)
+    with pytest.raises(DsdmError, match=r"has .* MB free but this search needs about .* MB; free space there"):
+        check_free_space(tmp_path, 2**62)
+
+
+# --- finding 11: a search with no trial DONE ------------------------------------------------------
+def test_search_without_a_finished_trial_exits_2_quoting_its_error(tmp_path):
+    storage = tmp_path / "storage"
+    proc = run_search(storage, tmp_path / "failing", "--max-failures", "0", samples=1,
+                      env=search_env(tmp_path / "f", trial_start="1@raise"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last_line(proc.stderr).startswith("tune.search: error: no trial finished; the first trial's error: "
+                                             "RuntimeError: fault injected at trial_start=1"), proc.stderr[-2000:]
+    runs = snapshot(storage)
+    assert {k: r["status"] for k, r in runs.items() if k == "parent"} == {"parent": "FAILED"}
+    assert {r["status"] for k, r in runs.items() if k != "parent"} == {"FAILED"}
+
+
+# --- findings 6 and 9: inf/nan, --help, the paper budget on a CPU ---------------------------------
+@pytest.mark.parametrize("key", ["distill.lambda1", "distill.alpha", "zoo.lr", "data.val_fraction"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", math.inf])
+def test_inf_and_nan_refused_for_every_float_key(key, value):
+    from dsdm.config import Config, make_config
+
+    with pytest.raises(DsdmError, match=f"config key '{key}' cannot take .*; pass a finite number"):
+        make_config("smoke", {key: value})
+    section, name = key.split(".")
+    cfg = Config()
+    bad = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: float(value)})})
+    with pytest.raises(DsdmError, match=f"config key '{key}' cannot take .*; pass a finite number"):
+        bad.validate()  # a Config built in code, not parsed from strings
+
+
+def test_inf_refused_on_cli_flags():
+    from tune.search import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--trial-cpus", "inf"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("cli", [["tune.search"], ["dsdm", "distill"], ["ablations.lambdas"]])
+def test_help_shows_defaults_and_the_budget(cli):
+    out = subprocess.run([sys.executable, "-m", *cli, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120).stdout
+    text = " ".join(out.split())
+    assert "paper = the paper's settings (hours on a GPU), cpu = minutes on a CPU" in text
+    assert "(default: paper)" in text
+
+
+def test_paper_budget_on_cpu_prints_one_line_suggesting_cpu(capsys):
+    import torch
+
+    from tune.search import paper_on_cpu_note
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: the paper budget is the right one")
+    paper_on_cpu_note("cpu", 0, 20)
+    assert capsys.readouterr().err == ""
+    paper_on_cpu_note("paper", 0, 20)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--budget paper is the GPU preset (at least 17 h" in err and "--budget cpu" in err
+
+
+# --- finding 1: lookups scoped by search ------------------------------------------------------------
+def test_parent_and_trial_lookups_are_scoped_by_search(tmp_path):
+    from tune import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "dsdm-digits-ipc10", tmp_path / "art")
+    parent = tracking.search_run(uri, exp, "search-a", name="search-a")
+    trial, final = tracking.trial_run(uri, exp, "search-a", "t1", parent)
+    assert final is None
+    assert tracking.search_run(uri, exp, "search-a", name="search-a") == parent  # never the (later) trial run
+    other = tracking.search_run(uri, exp, "search-b", name="search-b")
+    trial_b, _ = tracking.trial_run(uri, exp, "search-b", "t1", other)  # same trial id, another search
+    assert len({parent, trial, other, trial_b}) == 4
+    assert tracking.trial_run(uri, exp, "search-a", "t1", parent) == (trial, None)
+    tracking.log_final(uri, trial, {"test_acc": 50.0}, step=3)
+    assert tracking.trial_run(uri, exp, "search-a", "t1", parent) == (trial, {"test_acc": 50.0})
