@@ -226,7 +226,8 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
     seeds = parse_seeds(args.seeds)
     cfg, diffs = sweep_configs(args.budget, common_overrides(args, ipc), cells)
     ids = cell_ids(cells)
-    path = sweep_path(check_storage(args.storage), name, cfg.data.dataset, ipc, args.budget)
+    storage = check_storage(args.storage)
+    path = sweep_path(storage, name, cfg.data.dataset, ipc, args.budget)
     print(f"{name}: {len(ids)} cells x {len(seeds)} seeds on {cfg.data.dataset} IPC {ipc}, budget {args.budget}; "
           f"cells: {', '.join(dict.fromkeys(c.label for c in cells))}; zoo M={cfg.zoo.num_models} "
           f"E={list(cfg.zoo.snapshots)}", flush=True)
