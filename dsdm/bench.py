@@ -20,6 +20,7 @@ iterations (the machine is shared; the median and CPU seconds are printed too).
     python -m dsdm.bench --iterations 3 --ipc 10 --json bench.json --no-write
     python -m dsdm.bench --levers              # the fast path with one lever changed at a time
     python -m dsdm.bench --small --iterations 1 --ipc 1 --json x.json --no-write   # seconds (tests)
+    python -m dsdm.bench --train --epochs 2 --json x.json   # classifier training instead (benchmarks/train.py)
 """
 from __future__ import annotations
 
@@ -305,6 +306,13 @@ def replace_section(doc: Path, marks: tuple[str, str], body: str, title: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--train" in argv:  # classifier training: benchmarks/train.py (run from the repository root)
+        try:
+            from benchmarks.train import main as train_main
+        except ImportError:
+            raise SystemExit("dsdm.bench --train needs the repository's benchmarks/ package; run it from the checkout root")
+        return train_main([a for a in argv if a != "--train"])
     p = argparse.ArgumentParser(prog="python -m dsdm.bench", description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=5, help="timed steady-state iterations per path (default 5)")
     p.add_argument("--ipc", default="10,50", help="comma-separated IPCs (default 10,50)")
