@@ -110,7 +110,7 @@ def run(args) -> dict:
     fast_default = {"path": "fast"}  # the default TrainRecipe levers (compile off: see --levers)
     out: dict = {"device": str(device), "threads": torch.get_num_threads(), "epochs": args.epochs}
 
-    x, y = images(EVAL_IMAGES)
+    x, y = images(args.eval_images)
     x, y = x.to(device), y.to(device)
     rec = eval_recipe(args.epochs)
     warm_up(rec, x, y, device)
@@ -131,7 +131,7 @@ def run(args) -> dict:
     bx, by = x[:args.batched_images], y[:args.batched_images]
     brec = replace(rec, epochs=args.batched_epochs)
     out["batched"] = {}
-    for n in BATCHED_NS:
+    for n in [int(v) for v in args.batched_ns.split(",") if v.strip()]:
         seeds = list(range(n))
         load0 = os.getloadavg()[0]
         one = stacked = 0.0
@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoo-per-class", type=int, default=40, help="zoo images per class (cpu budget: 300)")
     p.add_argument("--batched-images", type=int, default=128, help="images per epoch for the batched rows")
     p.add_argument("--batched-epochs", type=int, default=1)
+    p.add_argument("--batched-ns", default=",".join(map(str, BATCHED_NS)), help="N networks stacked (default 1,2,5,10)")
+    p.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="decoded images of the eval set (default 400)")
     p.add_argument("--repeats", type=int, default=1, help="A/B repeats of each batched row")
     p.add_argument("--levers", action="store_true", help="also time one lever at a time (eval workload)")
     p.add_argument("--lever-nets", type=int, default=4)
@@ -228,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-docs", action="store_true", help=f"rewrite the training section of {DOC.name}")
     p.add_argument("--out", type=Path, default=DOC, help="markdown file for --write-docs")
     args = p.parse_args(argv)
-    if min(args.epochs, args.eval_nets, args.zoo_nets, args.zoo_per_class, args.batched_images, args.repeats) < 1:
-        p.error("--epochs, --eval-nets, --zoo-nets, --zoo-per-class, --batched-images and --repeats must be >= 1")
+    if min(args.epochs, args.eval_nets, args.zoo_nets, args.zoo_per_class, args.batched_images, args.repeats,
+           args.eval_images) < 1:
+        p.error("--epochs, --eval-nets, --eval-images, --zoo-nets, --zoo-per-class, --batched-images and --repeats "
+                "must be >= 1")
     command = "python -m benchmarks.train " + " ".join(sys.argv[1:] if argv is None else argv)
     result = run(args)
     body = table(result, command.strip())
