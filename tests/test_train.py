@@ -87,6 +87,16 @@ def test_fast_and_stacked_equal_the_baseline_after_three_steps(data, request):
             assert rel_err(p, b) <= 1e-4, (name, i, rel_err(p, b))
 
 
+@pytest.mark.slow
+def test_compiled_step_equals_the_baseline(digits):
+    """train.compile: the network + loss through torch.compile (about a minute to compile)."""
+    x, y = subset(digits)
+    rec = recipe(digits)
+    base = train(digits, x, y, replace(rec, path="baseline"), seeds=(0, 1))
+    for p, b in zip(train(digits, x, y, replace(rec, compile=True), seeds=(0, 1)), base):
+        assert rel_err(p, b) <= 1e-4
+
+
 def test_stacked_keeps_each_networks_schedule(digits):
     """Two epochs with a milestone: lr decay and momentum are per network; stacked == one by one."""
     x, y = subset(digits, 100)
