@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.docs import replace_section
+
 PAPER_ITERATIONS = 10_000
 PAPER_MODELS, PAPER_DRAWS = 10, 16  # M and K of a paper-budget run: the cache fill is amortised over these
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -250,18 +252,6 @@ def notes(results: dict) -> str:
                    f"Load average during the timed iterations: straightforward {ref['loadavg'][0]}-{ref['loadavg'][3]}, "
                    f"fast {fast['loadavg'][0]}-{fast['loadavg'][3]}.")
     return "\n".join(out)
-
-
-def replace_section(doc: Path, marks: tuple[str, str], body: str, title: str) -> None:
-    text = doc.read_text() if doc.is_file() else f"# Benchmarks\n\n"
-    block = f"{marks[0]}\n{body}\n{marks[1]}"
-    if marks[0] in text and marks[1] in text:
-        head, rest = text.split(marks[0], 1)
-        text = head + block + rest.split(marks[1], 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n## {title}\n\n{block}\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,10 +224,23 @@ def augment(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float],
 
 # --- CutMix -----------------------------------------------------------------------------------
 
-def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, beta: float = 1.0):
-    """Paste a random box from a shuffled batch (CutMix/IDC). Returns (x_mixed, y_a, y_b, lam):
-    lam is the fraction of each image still its own, so the loss weights are lam / 1 - lam."""
-    N, _, H, W = x.shape
+@dataclass(frozen=True)
+class CutMixDraw:
+    """One CutMix draw for a batch: the pasted box [y0:y1, x0:x1] and the partner permutation."""
+    box: tuple[int, int, int, int]  # (y0, y1, x0, x1), already clipped to the image
+    perm: torch.Tensor  # (N,) image i receives the box of image perm[i]
+    area: int  # H * W
+
+    @property
+    def lam(self) -> float:
+        """Fraction of each image still its own (the clipped box's true area)."""
+        return 1.0 - (self.box[1] - self.box[0]) * (self.box[3] - self.box[2]) / self.area
+
+
+def sample_cutmix(n: int, size: tuple[int, int], generator: torch.Generator | None = None,
+                  beta: float = 1.0) -> CutMixDraw:
+    """The draws of `cutmix` (same generator calls, same order), without touching images."""
+    H, W = size
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if beta == 1.0:  # Beta(1, 1) is uniform; torch has no seeded Beta sampler
         lam = float(torch.rand((), generator=generator, device=gen_device))
@@ -240,11 +253,23 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None =
     cx = int(torch.randint(W, (1,), generator=generator, device=gen_device))
     y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
     x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
-    perm = torch.randperm(N, generator=generator, device=gen_device).to(x.device)
+    perm = torch.randperm(n, generator=generator, device=gen_device)
+    return CutMixDraw((y0, y1, x0, x1), perm, H * W)
+
+
+def apply_cutmix(x: torch.Tensor, y: torch.Tensor, draw: CutMixDraw):
+    """Paste draw's box from the permuted batch; returns (x_mixed, y_a, y_b, lam) as `cutmix`."""
+    y0, y1, x0, x1 = draw.box
+    perm = draw.perm.to(x.device)
     mixed = x.clone()
     mixed[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the clipped box's true area
-    return mixed, y, y[perm], lam
+    return mixed, y, y[perm], draw.lam
+
+
+def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, beta: float = 1.0):
+    """Paste a random box from a shuffled batch (CutMix/IDC). Returns (x_mixed, y_a, y_b, lam):
+    lam is the fraction of each image still its own, so the loss weights are lam / 1 - lam."""
+    return apply_cutmix(x, y, sample_cutmix(x.shape[0], tuple(x.shape[2:]), generator, beta))
 
 
 def mixed_cross_entropy(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float) -> torch.Tensor:

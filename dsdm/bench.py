@@ -12,6 +12,7 @@ from pathlib import Path
 # --NAME -> module; the first is the default
 TARGETS = {
     "distill": "benchmarks.distill",  # seconds per distillation iteration, fast vs reference
+    "train": "benchmarks.train",  # classifier training (evaluation, zoo), baseline vs fast vs stacked
 }
 
 

@@ -50,6 +50,10 @@ class ZooConfig:
     cutmix_p: float = 0.5
     max_per_class: int = 0  # 0 = whole training split; >0 subsamples for CPU budgets
     seed: int = 0
+    # speed levers (dsdm.train; same draws, same weights up to float rounding; not part of zoo_key)
+    train_path: str = "fast"  # fast | baseline (the original loop)
+    compile: str = "off"  # torch.compile the training step: on | off | auto (on for >= 10K steps per network)
+    batch_nets: str = "auto"  # train the M models as one stacked model: on | off | auto (on for CUDA)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,10 @@ class EvalConfig:
     runs: int = 5
     epochs: int = 0  # 0 = the protocol's number
     seed: int = 0
+    # speed levers (dsdm.train; same draws, same weights up to float rounding)
+    train_path: str = "fast"  # fast | baseline (the original loop)
+    compile: str = "off"  # torch.compile the training step: on | off | auto (on for >= 10K steps per network)
+    batch_nets: str = "auto"  # train the runs of an architecture as one stacked model: on | off | auto (on for CUDA)
 
 
 @dataclass(frozen=True)

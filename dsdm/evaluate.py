@@ -18,7 +18,8 @@ from dsdm.config import EvalConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
 from dsdm.synthetic import SyntheticSet
-from dsdm.train import TrainRecipe, accuracy, build_model, train_classifier
+from dsdm.train import (TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifier,
+                        train_classifiers)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,19 @@ def train_and_score(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Datase
     model = build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, seed).to(device)
     generator = torch.Generator().manual_seed(seed)
     train_classifier(model, x.to(device), y.to(device), dataset.mean, dataset.std, recipe, generator)
+    return _scores(model, dataset)
+
+
+def train_and_score_stacked(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Dataset,
+                            recipe: TrainRecipe, seeds: Sequence[int], device: torch.device) -> list[dict[str, float]]:
+    """`train_and_score` for each seed, the networks trained as one stacked model (same draws)."""
+    models = [build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, s).to(device) for s in seeds]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    train_classifiers(models, x.to(device), y.to(device), dataset.mean, dataset.std, recipe, generators)
+    return [_scores(m, dataset) for m in models]
+
+
+def _scores(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
     return {
         "val": accuracy(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std),
         "test": accuracy(model, dataset.test_x, dataset.test_y, dataset.mean, dataset.std),
@@ -173,12 +187,18 @@ def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device
     the runs can be spread over processes and joined with `merge_results`."""
     x, y = synset.decoded()
     protocol = get_protocol(cfg.protocol)
-    recipe = set_recipe(protocol, synset, dataset.name, cfg.epochs)
+    recipe = speed_levers(set_recipe(protocol, synset, dataset.name, cfg.epochs), len(x), cfg.train_path, cfg.compile)
+    stacked = stack_networks(cfg.batch_nets, device)
     results: dict[str, dict[str, Any]] = {}
     for arch in cfg.archs:
         tests, vals, start = [], [], time.time()
-        for run in (range(cfg.runs) if run_ids is None else run_ids):
-            scores = train_and_score(arch, x, y, dataset, recipe, cfg.seed * 1000 + run, device)
+        runs = list(range(cfg.runs) if run_ids is None else run_ids)
+        seeds = [cfg.seed * 1000 + run for run in runs]
+        if stacked and len(runs) > 1:
+            all_scores = train_and_score_stacked(arch, x, y, dataset, recipe, seeds, device)
+        else:  # lazily, so on_run reports each network as soon as it is trained
+            all_scores = (train_and_score(arch, x, y, dataset, recipe, s, device) for s in seeds)
+        for run, scores in zip(runs, all_scores):
             tests.append(100 * scores["test"])
             vals.append(100 * scores["val"])
             if on_run is not None:

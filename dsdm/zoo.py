@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,9 +23,10 @@ from dsdm.config import ZooConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
 from dsdm.synthetic import atomic_torch_save
-from dsdm.train import TrainRecipe, accuracy, build_model, train_classifier
+from dsdm.train import TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifiers
 
 PRETRAIN_OPS = (Op.COLOR, Op.CROP)  # spec: colour + crop augmentation, plus CutMix
+SPEED_LEVERS = ("train_path", "compile", "batch_nets")  # how a zoo is trained, not which zoo (not in zoo_key)
 PRETRAIN_CALLS = 0  # models pre-trained in this process; Tune trials report it (must stay 0)
 
 
@@ -45,34 +46,46 @@ def pretrain_subset(dataset: Dataset, max_per_class: int, seed: int) -> tuple[to
     return dataset.train_x[keep], dataset.train_y[keep]
 
 
+def zoo_recipe(cfg: ZooConfig, dataset_name: str) -> TrainRecipe:
+    """Pre-training: SGD to max(snapshots) with colour + crop DSA and CutMix."""
+    return TrainRecipe(epochs=max(cfg.snapshots), batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, cutmix_p=cfg.cutmix_p, ops=ops_for(dataset_name, PRETRAIN_OPS))
+
+
 def pretrain_one(dataset: Dataset, cfg: ZooConfig, index: int, device: torch.device | str = "cpu",
                  on_epoch: Callable[[int], None] | None = None) -> dict:
     """Train zoo model `index`; return {'snapshots': {epoch: state_dict}, 'test_acc': {epoch: acc}}.
 
     A plain function of its inputs so a Ray actor can call it unchanged.
     """
+    return pretrain_group(dataset, cfg, [index], device, on_epoch)[0]
+
+
+def pretrain_group(dataset: Dataset, cfg: ZooConfig, indices: Sequence[int], device: torch.device | str = "cpu",
+                   on_epoch: Callable[[int], None] | None = None) -> list[dict]:
+    """`pretrain_one` for each index; with zoo.batch_nets on, trained as one stacked model (same
+    seeds, same draws). `on_epoch(epoch)` after each epoch of each model."""
     global PRETRAIN_CALLS
-    PRETRAIN_CALLS += 1
+    PRETRAIN_CALLS += len(indices)
     device = torch.device(device)
-    seed = cfg.seed * 10_000 + index
+    seeds = [cfg.seed * 10_000 + i for i in indices]
     arch = zoo_arch(cfg, dataset)
     x, y = pretrain_subset(dataset, cfg.max_per_class, cfg.seed)
-    model = build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, seed).to(device)
-    recipe = TrainRecipe(epochs=max(cfg.snapshots), batch_size=cfg.batch_size, lr=cfg.lr,
-                         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                         cutmix_p=cfg.cutmix_p, ops=ops_for(dataset.name, PRETRAIN_OPS))
-    snapshots, test_acc = {}, {}
+    models = [build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, s).to(device) for s in seeds]
+    recipe = speed_levers(zoo_recipe(cfg, dataset.name), len(x), cfg.train_path, cfg.compile)
+    results = [{"snapshots": {}, "test_acc": {}} for _ in indices]
 
-    def keep(epoch: int, net: torch.nn.Module) -> None:
+    def keep(epoch: int, k: int, net: torch.nn.Module) -> None:
         if epoch in cfg.snapshots:
-            snapshots[epoch] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            test_acc[epoch] = accuracy(net, dataset.test_x, dataset.test_y, dataset.mean, dataset.std)
+            results[k]["snapshots"][epoch] = {n: v.detach().cpu().clone() for n, v in net.state_dict().items()}
+            results[k]["test_acc"][epoch] = accuracy(net, dataset.test_x, dataset.test_y, dataset.mean, dataset.std)
         if on_epoch is not None:
             on_epoch(epoch)
 
-    generator = torch.Generator().manual_seed(seed)
-    train_classifier(model, x.to(device), y.to(device), dataset.mean, dataset.std, recipe, generator, keep)
-    return {"snapshots": snapshots, "test_acc": test_acc}
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    train_classifiers(models, x.to(device), y.to(device), dataset.mean, dataset.std, recipe, generators, keep,
+                      stacked=stack_networks(cfg.batch_nets, device))
+    return results
 
 
 @dataclass
@@ -178,7 +191,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def zoo_key(dataset: Dataset, cfg: ZooConfig, data_seed: int = 0, val_fraction: float = 0.1) -> str:
     """What determines a zoo: dataset, split, arch, recipe, seeds and snapshot epochs."""
-    spec = {**asdict(cfg), "dataset": dataset.name, "arch": zoo_arch(cfg, dataset),
+    spec = {k: v for k, v in asdict(cfg).items() if k not in SPEED_LEVERS}
+    spec = {**spec, "dataset": dataset.name, "arch": zoo_arch(cfg, dataset),
             "data_seed": data_seed, "val_fraction": val_fraction, "snapshots": sorted(cfg.snapshots)}
     blob = json.dumps(spec, sort_keys=True)
     return f"{dataset.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -188,11 +202,14 @@ def train_zoo(dataset: Dataset, cfg: ZooConfig, device="cpu", progress: Callable
     """Pre-train all M models in this process (tune.zoo does the same on a Ray actor pool)."""
     zoo = ModelZoo(zoo_arch(cfg, dataset), dataset.name, dataset.channels, dataset.num_classes,
                    dataset.image_size, _jsonable(asdict(cfg)))
-    for i in range(cfg.num_models):
-        start = time.time()
-        zoo.add(pretrain_one(dataset, cfg, i, device))
+    group = cfg.num_models if stack_networks(cfg.batch_nets, device) else 1
+    for first in range(0, cfg.num_models, group):
+        start, indices = time.time(), list(range(first, min(first + group, cfg.num_models)))
+        for result in pretrain_group(dataset, cfg, indices, device):
+            zoo.add(result)
         if progress is not None:
-            progress(f"zoo model {i + 1}/{cfg.num_models} trained in {time.time() - start:.1f}s")
+            done = indices[-1] + 1
+            progress(f"zoo model{'s' if len(indices) > 1 else ''} {done}/{cfg.num_models} trained in {time.time() - start:.1f}s")
     return zoo
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.distill import LEVERS, SHAPES, bench_config, replace_section
+from benchmarks.distill import LEVERS, SHAPES, bench_config
+from benchmarks.docs import replace_section
 from dsdm.config import DistillConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +76,27 @@ def test_bench_levers_run(tmp_path, levers):
     data = json.loads(out.read_text())
     assert set(data["levers"]) == {name for name, _, _ in LEVERS}
     assert all(r["s_per_iter"] > 0 for r in data["levers"].values())
+
+
+def test_train_bench_short_form_writes_the_issue_json(tmp_path):
+    """`python -m dsdm.bench --train` dispatches to benchmarks/train.py; tiny sizes, same JSON keys."""
+    out, doc = tmp_path / "t.json", tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\nhand-written text\n")
+    proc = subprocess.run([sys.executable, "-m", "dsdm.bench", "--train", "--epochs", "1", "--eval-nets", "1",
+                           "--eval-images", "20", "--zoo-nets", "1", "--zoo-per-class", "2", "--batched-images", "8",
+                           "--batched-ns", "1,2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    t = json.loads(out.read_text())["train"]
+    for key, nets in (("eval_convnet3", 1), ("zoo_convnet3", 1)):
+        r = t[key]
+        assert r["nets"] == nets and r["baseline_ips"] > 0 and r["fast_ips"] > 0
+        assert r["ratio"] == pytest.approx(r["fast_ips"] / r["baseline_ips"])
+    assert set(t["batched"]) == {"1", "2"} and all(r["ratio"] > 0 for r in t["batched"].values())
+    assert "| eval_convnet3 | 1 |" in proc.stdout
+    assert doc.read_text() == "# Benchmarks\n\nhand-written text\n", "docs are written only with --write-docs"
+    from benchmarks.train import MARK
+
+    replace_section(doc, MARK, "body", "Classifier training")
+    replace_section(doc, MARK, "new body", "Classifier training")
+    text = doc.read_text()
+    assert text.count(MARK[0]) == 1 and "new body" in text and "hand-written text" in text

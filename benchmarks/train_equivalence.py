@@ -1,0 +1,74 @@
+"""`python -m benchmarks.train_equivalence`: statistical equivalence of the training paths.
+
+Trains `--nets` ConvNet-3s per path (`baseline` = today's loop, `fast` = the default) with the
+DSDM protocol at the cpu budget's epochs on a random MNIST coreset of 40 images per class (the
+400 training images of an IPC 10 factor-2 set), interleaved network by network with the same
+seeds as `evaluate_set` (run i: seed i), and reports each path's final test accuracy mean ± sd
+and standard error, and the per-network differences. JSON after every pair (partial runs count).
+
+    python -m benchmarks.train_equivalence --data-root ../shared/data --json eq.json
+"""
+from __future__ import annotations
+
+import dsdm  # noqa: F401  (OMP_WAIT_POLICY before torch)
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dsdm.config import make_config
+from dsdm.coreset import select_coreset
+from dsdm.data import load_dataset
+from dsdm.evaluate import get_protocol
+from dsdm.train import accuracy, build_model, train_classifier
+
+PATHS = ("baseline", "fast")
+
+
+def summary(accs: list[float]) -> dict:
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return {"mean": statistics.fmean(accs), "sd": sd, "sem": sd / len(accs) ** 0.5, "n": len(accs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = make_config("cpu", {"data.dataset": "mnist"})
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_equivalence", description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--nets", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=cfg.eval.epochs, help=f"default: the cpu budget's {cfg.eval.epochs}")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    ds = load_dataset("mnist", args.data_root, offline=True)
+    x, y = select_coreset("random", ds, 40, seed=cfg.distill.seed).decoded()
+    rec = get_protocol(cfg.eval.protocol).recipe("mnist", args.epochs)
+    out = {"epochs": args.epochs, "images": len(x), "test": {k: [] for k in PATHS},
+           "seconds": {k: [] for k in PATHS}, "load": []}
+    for run in range(args.nets):
+        seed = cfg.eval.seed * 1000 + run
+        for path in PATHS if run % 2 == 0 else PATHS[::-1]:  # alternate who goes first
+            model = build_model("convnet3", ds.channels, ds.num_classes, ds.image_size, seed)
+            t = time.time()
+            train_classifier(model, x, y, ds.mean, ds.std, replace(rec, path=path), torch.Generator().manual_seed(seed))
+            out["seconds"][path].append(time.time() - t)
+            out["test"][path].append(100 * accuracy(model, ds.test_x, ds.test_y, ds.mean, ds.std))
+        out["load"].append(round(os.getloadavg()[0], 2))
+        out["summary"] = {k: summary(v) for k, v in out["test"].items()}
+        out["max_abs_diff"] = max(abs(a - b) for a, b in zip(out["test"]["baseline"], out["test"]["fast"]))
+        print(f"net {run}: " + ", ".join(f"{k} {out['test'][k][-1]:.2f}% in {out['seconds'][k][-1]:.0f} s" for k in PATHS)
+              + f" (load {out['load'][-1]})", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+    for k, s in out["summary"].items():
+        print(f"| {k} | {s['n']} | {s['mean']:.2f} ± {s['sd']:.2f} | {s['sem']:.2f} | {sum(out['seconds'][k]):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
