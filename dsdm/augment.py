@@ -315,3 +315,15 @@ def encode_tiles(real: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     canvas = small.view(N // (gh * gw), gh, gw, C, th, tw).permute(0, 3, 1, 4, 2, 5)  # (n, C, gh, th, gw, tw)
     canvas = canvas.reshape(-1, C, gh * th, gw * tw)
     return canvas[:, :, :H, :W].contiguous()  # drop the padding decode would add back
+
+
+def nchw(x: torch.Tensor) -> torch.Tensor:
+    """x with exactly the NCHW strides (C*H*W, H*W, W, 1). DSA's crop returns channels_last
+    strides; for 1-channel images those are also "contiguous", so .contiguous() keeps them, and
+    a conv then still picks channels_last and hands GroupNorm a channels_last tensor."""
+    if x.dim() != 4:
+        return x.contiguous()
+    n, c, h, w = x.shape
+    if x.stride() == (c * h * w, h * w, w, 1):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dsdm.augment import AugParams, augment, sample_aug_params
+from dsdm.augment import AugParams, augment, nchw, sample_aug_params
 from dsdm.data import Dataset
 from dsdm.losses import RealSide, precompute_real
 
@@ -26,18 +26,6 @@ EmbedFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 # --- the forward ------------------------------------------------------------------------------
-
-def nchw(x: torch.Tensor) -> torch.Tensor:
-    """x with exactly the NCHW strides (C*H*W, H*W, W, 1). DSA's crop returns channels_last
-    strides; for 1-channel images those are also "contiguous", so .contiguous() keeps them, and
-    a conv then still picks channels_last and hands GroupNorm a channels_last tensor."""
-    if x.dim() != 4:
-        return x.contiguous()
-    n, c, h, w = x.shape
-    if x.stride() == (c * h * w, h * w, w, 1):
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
-
 
 def embed(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """g(x) on an NCHW batch: the CPU GroupNorm (the ConvNet's instance norm) is 5-20x slower on

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dsdm.augment import (AugParams, CutMixDraw, apply_cutmix, augment, cutmix, mixed_cross_entropy,
+from dsdm.augment import (AugParams, CutMixDraw, apply_cutmix, augment, cutmix, mixed_cross_entropy, nchw,
                           normalize, sample_aug_params, sample_cutmix)
 from dsdm.errors import DsdmError
 from dsdm.models import get_model
@@ -205,18 +205,6 @@ def make_batch(x, y, mean, std, step: Step, memory_format: str = "nchw"):
     if step.mix is None:
         return xb, yb, yb, 1.0
     return apply_cutmix(xb, yb, step.mix)
-
-
-def nchw(x: torch.Tensor) -> torch.Tensor:
-    """x with exactly the NCHW strides (C*H*W, H*W, W, 1). DSA's crop returns channels_last
-    strides; for 1-channel images those are also "contiguous", so .contiguous() keeps them, and
-    a conv then still picks channels_last and hands GroupNorm a channels_last tensor."""
-    if x.dim() != 4:
-        return x.contiguous()
-    n, c, h, w = x.shape
-    if x.stride() == (c * h * w, h * w, w, 1):
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
 
 
 # --- N networks as one stacked model -----------------------------------------------------------

@@ -11,7 +11,8 @@ from benchmarks.distill import SHAPES, bench_config, bench_dataset, bench_zoo
 from dsdm.data import Dataset
 from dsdm.distill import Distiller
 from dsdm.errors import DsdmError
-from dsdm.fastpath import RealFeatureCache, chunk_size, embed, embed_chunked, nchw
+from dsdm.augment import nchw
+from dsdm.fastpath import RealFeatureCache, chunk_size, embed, embed_chunked
 from dsdm.losses import RealSide, dsdm_class_loss, dsdm_losses, precompute_real
 
 SMALL = SHAPES["small"]

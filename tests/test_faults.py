@@ -216,10 +216,10 @@ def test_resume_mlflow_runs_nested_finished_and_counted_once(chain):
     for trial, run in runs.items():
         assert run["status"] == "FINISHED" and run["parent"] == parent["run_id"], (trial, run)
         assert run["counts"]["test_acc"] == 1 and run["steps"] == list(range(1, ITERATIONS + 1)), (trial, run)
-    # Progress metrics are at-least-once: a trial Tune is stopping may log an iteration past its last
-    # checkpoint, and the resumed attempt logs that step again (same step, same value). Never the final ones.
-    (first,) = chain["run1"]["done"]
-    assert runs[first]["counts"] == {"test_acc": 1, "iteration": ITERATIONS + 1}  # 6 reports + final
+    # Progress metrics once too: a trial Tune is stopping may log an iteration past its last checkpoint;
+    # the resumed attempt replays it bit-exactly and does not log that step again.
+    for trial, run in runs.items():
+        assert run["counts"] == {"test_acc": 1, "iteration": ITERATIONS + 1}, (trial, run)  # 6 reports + final
 
 
 def test_interrupted_runs_end_killed_not_running(chain):

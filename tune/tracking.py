@@ -172,6 +172,13 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
         _client(uri).log_batch(run_id, metrics=batch)
 
 
+def last_step(uri: str, run_id: str, key: str) -> int:
+    """The highest step at which `key` is logged in the run (-1 if never): a retried or resumed
+    trial replays its iterations bit-exactly from a checkpoint and skips logging those again."""
+    history = _client(uri).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
 def log_final(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     """A trial's final metrics and the FINAL_TAG marker in one batch (one sqlite transaction):
     either both are in the run or neither is."""

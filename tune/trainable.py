@@ -130,8 +130,13 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
         last_proxy["val"] = metrics.get("proxy_val_acc", last_proxy["val"])
         return {**metrics, "iteration": it, "resumed_from": resumed_from, "node": node, METRIC: last_proxy["val"]}
 
+    # An attempt stopped after logging iteration i but before Tune kept its checkpoint replays i
+    # from an earlier checkpoint (bit-exact): MLflow keeps the first record of each step.
+    logged_up_to = tracking.last_step(uri, run_id, "iteration") if resumed_from else -1
+
     def log(metrics: dict, it: int) -> None:
-        tracking.log_metrics(uri, run_id, {**metrics, "iteration": it, "resumed_from": resumed_from}, step=it)
+        if it > logged_up_to:
+            tracking.log_metrics(uri, run_id, {**metrics, "iteration": it, "resumed_from": resumed_from}, step=it)
         if not distiller.checkpoint_due(it):  # checkpoint steps report once, with the checkpoint
             tune.report(tune_metrics(metrics, it))
 
