@@ -67,8 +67,8 @@ def test_search_smoke_mlflow_records(search):
     assert all(r.data.params["distill.ipc"] == "10" for r in trials)
     cross = [r for r in trials if "xarch/acc_mean/resnet10" in r.data.metrics]
     assert len(cross) == 1 and "xarch/acc_mean/densenet121" in cross[0].data.metrics
-    best = max(trials, key=lambda r: r.data.metrics["val_acc"])
-    assert best.info.run_id == cross[0].info.run_id  # the cross-arch evaluation went to the best trial
+    best = max(r.data.metrics["val_acc"] for r in trials)  # smoke accuracies tie often: compare values
+    assert cross[0].data.metrics["val_acc"] == best  # the cross-arch evaluation went to a best trial
 
 
 def test_search_smoke_cross_arch_keys_apart_from_the_trials_own(search):
