@@ -122,7 +122,7 @@ def train_classifier(
         for step in plan_epoch(len(x), recipe, generator, tuple(x.shape[2:]), x.device):
             xb, ya, yb, lam = make_batch(x, y, mean, std, step, recipe.memory_format)
             if recipe.compile:  # lam as a tensor: a float argument would recompile per value
-                loss = loss_fn(net, xb, ya, yb, torch.tensor(lam, device=x.device))
+                loss = loss_fn(model, xb, ya, yb, torch.tensor(lam, device=x.device), recipe.precision)
             elif step.mix is None:
                 loss = F.cross_entropy(net(xb), ya)
             else:
@@ -197,9 +197,10 @@ def _cast_bf16(one: Callable) -> Callable:
     return one_bf16
 
 
-def _net_loss(model, xb, ya, yb, lam):
-    """CutMix loss with lam a tensor (lam = 1, yb = ya without CutMix: exactly the plain loss)."""
-    logits = model(xb)
+def _net_loss(model, xb, ya, yb, lam, precision="fp32"):
+    """CutMix loss with lam a tensor (lam = 1, yb = ya without CutMix: exactly the plain loss).
+    The precision wrapper is made inside, so torch.compile guards on the model, not on a closure."""
+    logits = in_precision(model, precision)(xb)
     return lam * F.cross_entropy(logits, ya) + (1.0 - lam) * F.cross_entropy(logits, yb)
 
 
