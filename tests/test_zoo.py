@@ -136,3 +136,13 @@ def test_a_group_trains_the_models_it_would_train_one_by_one(digits):
     one = zoo_mod.train_zoo(digits, cfg)
     grouped = zoo_mod.train_zoo(digits, ZooConfig(**{**cfg.__dict__, "group_size": 2}))
     assert all(sd_equal(a, b) for a, b in zip(one.state_dicts[1], grouped.state_dicts[1])) and grouped.num_models == 3
+
+
+def test_a_distillation_resumes_across_zoo_speed_levers_but_not_a_bf16_zoo():
+    from dsdm.config import Config
+    from dsdm.distill import config_mismatch
+
+    saved = Config().plain()
+    levers = {"zoo.group_size": 4, "zoo.batch_nets": "on", "zoo.compile": "on", "zoo.train_path": "baseline"}
+    assert config_mismatch(saved, Config().override(levers)) == []
+    assert config_mismatch(saved, Config().override({"zoo.precision": "bf16"})) == ["zoo.precision: 'fp32' -> 'bf16'"]
