@@ -9,13 +9,16 @@ on the pixels):
 - zoo_convnet3: 4 ConvNet-3s pre-trained with the zoo recipe (batch 256, colour + crop DSA,
   CutMix p 0.5) on `--zoo-per-class` images per class;
 - batched: N in {1, 2, 5, 10} eval networks trained as one stacked model vs one at a time
-  (both on the fast path); ratio = stacked speed / one-at-a-time speed.
+  (both on the fast path); ratio = stacked speed / one-at-a-time speed;
+- eval_convnet3_bf16 (`--bf16`): the eval workload in bf16 (`eval.precision=bf16`) eager, eager
+  with channels_last input, and compiled, against baseline and fast; the compile is timed apart.
 
 The machine may be shared, so the two sides of every ratio are interleaved in one process,
 network by network (A, B, A, B, ...), from the same seeds, and the load average is recorded.
 Only training is timed (not the accuracy passes after it).
 
     python -m dsdm.bench --train --epochs 2 --json F      # short form (< 3 min on 2 cores)
+    python -m benchmarks.train --epochs 2 --bf16 --json F   # + the bf16 rows (one compile, ~2 min)
     python -m benchmarks.train --epochs 10 --levers       # + one lever at a time, a table
     python -m benchmarks.train --epochs 10 --levers --write-docs   # also rewrite docs/benchmarks.md
 """
@@ -55,6 +58,10 @@ LEVERS = [
     ("fast, channels_last", "network input (and so every activation) channels_last", {"memory_format": "channels_last"}),
     ("fast + torch.compile", "network + loss compiled (compile time reported apart)", {"compile": True}),
 ]
+# --bf16: the eval workload in bf16 against baseline and fast (name -> recipe fields)
+BF16 = {"baseline": {"path": "baseline"}, "fast": {}, "bf16": {"precision": "bf16"},
+        "bf16_channels_last": {"precision": "bf16", "memory_format": "channels_last"},
+        "bf16_compiled": {"precision": "bf16", "compile": True}}
 
 
 def images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,23 +152,46 @@ def run(args) -> dict:
         _log(f"batched {n}: {out['batched'][str(n)]}")
     out["batched_default"] = stack_networks("auto", device)
 
+    if args.bf16:
+        out["eval_convnet3_bf16"] = bf16_rows(args, x, y, rec, device)
+        _log(f"eval_convnet3_bf16: {out['eval_convnet3_bf16']}")
     if args.levers:
         out["levers"] = levers(args, x, y, rec, device)
     return {"train": out}
 
 
+def compile_seconds(recipes: dict[str, TrainRecipe], x, y, device) -> dict[str, float]:
+    """Seconds of the first, compiling run of each compiled recipe (one epoch: both batch sizes,
+    64 and the last, smaller one), so the timed runs after it reuse the compiled code."""
+    seconds = {}
+    for name, r in recipes.items():
+        if r.compile:
+            t = time.perf_counter()
+            train_seconds(replace(r, epochs=1), x, y, [0], device)
+            seconds[name] = time.perf_counter() - t
+    return seconds
+
+
 def levers(args, x, y, rec: TrainRecipe, device) -> dict:
     """Each lever alone on the eval workload, interleaved; compile time measured apart."""
     recipes = {name: replace(rec, **opts) for name, _, opts in LEVERS}
-    compiled = recipes.pop("fast + torch.compile")
-    t = time.perf_counter()  # first run compiles (both batch sizes: 64 and the last, smaller one)
-    train_seconds(replace(compiled, epochs=1), x, y, [0], device)
-    compile_s = time.perf_counter() - t
-    r = ab({**recipes, "fast + torch.compile": compiled}, x, y, args.lever_nets, device)
+    compile_s = compile_seconds(recipes, x, y, device)
+    r = ab(recipes, x, y, args.lever_nets, device)
     base = r["ips"]["baseline"]
     return {name: {"ips": r["ips"][name], "ratio": r["ips"][name] / base,
-                   "what": what, **({"compile_s": compile_s} if name == "fast + torch.compile" else {})}
+                   "what": what, **({"compile_s": compile_s[name]} if name in compile_s else {})}
             for name, what, _ in LEVERS} | {"_load": r["load"], "_nets": args.lever_nets}
+
+
+def bf16_rows(args, x, y, rec: TrainRecipe, device) -> dict:
+    """The eval workload in bf16 (eager, channels_last, compiled) against baseline and fast fp32,
+    interleaved network by network; ratios to the baseline; compile seconds apart."""
+    recipes = {name: replace(rec, **opts) for name, opts in BF16.items()}
+    compile_s = compile_seconds(recipes, x, y, device)
+    r = ab(recipes, x, y, args.eval_nets, device)
+    base = r["ips"]["baseline"]
+    return {"ips": r["ips"], "ratio": {k: v / base for k, v in r["ips"].items()}, "compile_s": compile_s,
+            "nets": args.eval_nets, "seconds": r["seconds"], "load": r["load"]}
 
 
 def _row(r: dict, nets: int) -> dict:
@@ -187,6 +217,13 @@ def table(result: dict, command: str) -> str:
               "|---|---|---|---|"]
     for n, r in t["batched"].items():
         lines.append(f"| {n} | {r['one_by_one_ips']:.0f} | {r['stacked_ips']:.0f} | {r['ratio']:.2f}x |")
+    if "eval_convnet3_bf16" in t:
+        b = t["eval_convnet3_bf16"]
+        lines += ["", f"bf16 (`eval.precision=bf16`), eval workload, {b['nets']} networks interleaved; load "
+                      f"{b['load'][0]}-{b['load'][1]}:", "", "| variant | img·ep/s | vs baseline |", "|---|---|---|"]
+        for name in BF16:
+            extra = f" (compile {b['compile_s'][name]:.0f} s, not included)" if name in b["compile_s"] else ""
+            lines.append(f"| {name}{extra} | {b['ips'][name]:.0f} | {b['ratio'][name]:.2f}x |")
     if "levers" in t:
         lv = t["levers"]
         lines += ["", f"Levers, one at a time (eval workload, {lv['_nets']} networks, interleaved; load "
@@ -211,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="decoded images of the eval set (default 400)")
     p.add_argument("--repeats", type=int, default=1, help="A/B repeats of each batched row")
     p.add_argument("--levers", action="store_true", help="also time one lever at a time (eval workload)")
+    p.add_argument("--bf16", action="store_true", help="also time the eval workload in bf16 (eager, compiled)")
     p.add_argument("--lever-nets", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--json", type=Path, help='write {"train": {...}} here')

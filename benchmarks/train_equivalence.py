@@ -1,12 +1,15 @@
 """`python -m benchmarks.train_equivalence`: statistical equivalence of the training paths.
 
-Trains `--nets` ConvNet-3s per path (`baseline` = today's loop, `fast` = the default) with the
+Trains `--nets` ConvNet-3s per path (`--paths`, default `baseline,fast`: today's loop and the
+default; also `fast-bf16` and `fast-bf16-compiled`, `eval.precision=bf16` eager / compiled) with the
 DSDM protocol at the cpu budget's epochs on a random MNIST coreset of 40 images per class (the
 400 training images of an IPC 10 factor-2 set), interleaved network by network with the same
 seeds as `evaluate_set` (run i: seed i), and reports each path's final test accuracy mean ± sd
-and standard error, and the per-network differences. JSON after every pair (partial runs count).
+and standard error, and the largest per-network difference to the first path. JSON after every
+network (partial runs count).
 
     python -m benchmarks.train_equivalence --data-root ../shared/data --json eq.json
+    python -m benchmarks.train_equivalence --paths fast,fast-bf16 --epochs 10 --nets 4 --json bf16.json
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from dsdm.data import load_dataset
 from dsdm.evaluate import get_protocol
 from dsdm.train import accuracy, build_model, train_classifier
 
-PATHS = ("baseline", "fast")
+PATHS = {"baseline": {"path": "baseline"}, "fast": {}, "fast-bf16": {"precision": "bf16"},
+         "fast-bf16-compiled": {"precision": "bf16", "compile": True}}  # name -> TrainRecipe fields
 
 
 def summary(accs: list[float]) -> dict:
@@ -43,25 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--nets", type=int, default=10)
     p.add_argument("--epochs", type=int, default=cfg.eval.epochs, help=f"default: the cpu budget's {cfg.eval.epochs}")
+    p.add_argument("--paths", default="baseline,fast", help=f"comma-separated, >= 2 of: {', '.join(PATHS)}")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    paths = [v.strip() for v in args.paths.split(",") if v.strip()]
+    if len(paths) < 2 or not set(paths) <= set(PATHS):
+        p.error(f"--paths takes two or more of: {', '.join(PATHS)} (got '{args.paths}')")
     ds = load_dataset("mnist", args.data_root, offline=True)
     x, y = select_coreset("random", ds, 40, seed=cfg.distill.seed).decoded()
     rec = get_protocol(cfg.eval.protocol).recipe("mnist", args.epochs)
-    out = {"epochs": args.epochs, "images": len(x), "test": {k: [] for k in PATHS},
-           "seconds": {k: [] for k in PATHS}, "load": []}
+    out = {"epochs": args.epochs, "images": len(x), "test": {k: [] for k in paths},
+           "seconds": {k: [] for k in paths}, "load": []}
     for run in range(args.nets):
         seed = cfg.eval.seed * 1000 + run
-        for path in PATHS if run % 2 == 0 else PATHS[::-1]:  # alternate who goes first
+        for path in paths if run % 2 == 0 else paths[::-1]:  # alternate who goes first
             model = build_model("convnet3", ds.channels, ds.num_classes, ds.image_size, seed)
-            t = time.time()
-            train_classifier(model, x, y, ds.mean, ds.std, replace(rec, path=path), torch.Generator().manual_seed(seed))
+            t = time.time()  # a compiled path's first network includes the compile
+            train_classifier(model, x, y, ds.mean, ds.std, replace(rec, **PATHS[path]), torch.Generator().manual_seed(seed))
             out["seconds"][path].append(time.time() - t)
             out["test"][path].append(100 * accuracy(model, ds.test_x, ds.test_y, ds.mean, ds.std))
         out["load"].append(round(os.getloadavg()[0], 2))
         out["summary"] = {k: summary(v) for k, v in out["test"].items()}
-        out["max_abs_diff"] = max(abs(a - b) for a, b in zip(out["test"]["baseline"], out["test"]["fast"]))
-        print(f"net {run}: " + ", ".join(f"{k} {out['test'][k][-1]:.2f}% in {out['seconds'][k][-1]:.0f} s" for k in PATHS)
+        out["max_abs_diff"] = {k: max(abs(a - b) for a, b in zip(out["test"][paths[0]], out["test"][k])) for k in paths[1:]}
+        print(f"net {run}: " + ", ".join(f"{k} {out['test'][k][-1]:.2f}% in {out['seconds'][k][-1]:.0f} s" for k in paths)
               + f" (load {out['load'][-1]})", file=sys.stderr, flush=True)
         if args.json:
             args.json.write_text(json.dumps(out, indent=1))

@@ -54,6 +54,8 @@ class ZooConfig:
     train_path: str = "fast"  # fast | baseline (the original loop)
     compile: str = "off"  # torch.compile the training step: on | off | auto (on for >= 10K steps per network)
     batch_nets: str = "auto"  # train the M models as one stacked model: on | off | auto (on for CUDA)
+    precision: str = "fp32"  # fast path: fp32 | bf16 (autocast forward; a bf16 zoo has its own zoo_key)
+    group_size: int = 0  # models per training call (a Ray actor's call too); 0 = auto: split over the workers when stacked (CUDA), else 1
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class EvalConfig:
     train_path: str = "fast"  # fast | baseline (the original loop)
     compile: str = "off"  # torch.compile the training step: on | off | auto (on for >= 10K steps per network)
     batch_nets: str = "auto"  # train the runs of an architecture as one stacked model: on | off | auto (on for CUDA)
+    precision: str = "fp32"  # fast path: fp32 | bf16 (autocast forward; weights, optimiser and loss in fp32)
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ class Config:
             (d.aug_pool >= 1, f"aug_pool must be >= 1 (got {d.aug_pool})"),
             (z.num_models >= 1 and len(z.snapshots) >= 1 and min(z.snapshots) >= 1,
              f"the zoo needs >= 1 model and snapshot epochs >= 1 (got {z.num_models}, {z.snapshots})"),
+            (z.group_size >= 0, f"zoo.group_size must be >= 0 (0 = auto), got {z.group_size}"),
             (not d.pretrained or d.method != "dsdm" or d.num_models <= z.num_models,
              f"distill.num_models={d.num_models} is larger than the zoo ({z.num_models} models); raise zoo.num_models or lower M"),
             (not d.pretrained or d.method != "dsdm" or d.pretrain_epochs in z.snapshots,
@@ -170,6 +174,10 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise DsdmError(message)
+        from dsdm.train import check_levers  # here, not at the top: the config module stays torch-free
+
+        check_levers(z, "zoo")
+        check_levers(self.eval, "eval")
         return self
 
 

@@ -49,7 +49,7 @@ from dsdm.losses import TERMS, RealSide, dsdm_class_loss, dsdm_losses
 from dsdm.memory import MemoryBank
 from dsdm.synthetic import SyntheticSet, atomic_torch_save, safe_torch_load, tile_grid
 from dsdm.train import build_model
-from dsdm.zoo import ModelZoo, zoo_arch
+from dsdm.zoo import SPEED_LEVERS, ModelZoo, zoo_arch
 
 CHECKPOINT_FORMAT = "dsdm-distill-checkpoint"
 # Revision of what a checkpoint's trajectory means (the file format itself is still version 1):
@@ -59,7 +59,7 @@ CHECKPOINT_REVISION = 2
 # logged or evaluated, how far to iterate, or float rounding only -- never the trajectory so far.
 RESUMABLE_KEYS = frozenset({"budget", "distill.iterations", "distill.log_every", "distill.checkpoint_every",
                             "distill.compile", "distill.forward_chunk", "distill.cache_max_mb",
-                            "distill.nchw_input", "distill.batched_loss"})
+                            "distill.nchw_input", "distill.batched_loss", *(f"zoo.{k}" for k in SPEED_LEVERS)})
 LogFn = Callable[[dict, int], None]
 # distill.compile=auto compiles the fast path's synthetic forward only for runs long enough to
 # amortise the compile (about 1-3 min on 2 CPU cores; ~0.4 s saved per CIFAR-shape iteration).

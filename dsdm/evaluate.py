@@ -187,7 +187,7 @@ def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device
     the runs can be spread over processes and joined with `merge_results`."""
     x, y = synset.decoded()
     protocol = get_protocol(cfg.protocol)
-    recipe = speed_levers(set_recipe(protocol, synset, dataset.name, cfg.epochs), len(x), cfg.train_path, cfg.compile)
+    recipe = speed_levers(set_recipe(protocol, synset, dataset.name, cfg.epochs), len(x), cfg)
     stacked = stack_networks(cfg.batch_nets, device)
     results: dict[str, dict[str, Any]] = {}
     for arch in cfg.archs:

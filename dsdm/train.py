@@ -7,7 +7,8 @@ Two loops train the same thing from the same seeds:
   exactly the generator calls ``baseline`` makes, in its order (`plan_epoch`), so every draw is the
   same by construction; the network gets NCHW strides (DSA's crop returns channels_last strides,
   which send conv and GroupNorm to ~3x slower kernels on CPU); the loss is checked for NaN/inf
-  once per epoch instead of syncing every step; optionally `torch.compile`d.
+  once per epoch instead of syncing every step; optionally `torch.compile`d, optionally in bf16
+  (`precision`: autocast around the forward; weights, optimiser and the loss stay fp32).
 
 `train_classifiers` trains N networks of one architecture as one stacked model (torch.func:
 stack_module_state + functional_call + vmap), each with its own generator, so each keeps its
@@ -32,6 +33,7 @@ from dsdm.models import get_model
 PATHS = ("fast", "baseline")
 MEMORY_FORMATS = ("nchw", "channels_last", "as_is")  # as_is: whatever strides DSA returns (baseline)
 SWITCH = ("on", "off", "auto")
+PRECISIONS = ("fp32", "bf16")
 AUTO_COMPILE_STEPS = 10_000  # compile=auto: ~1 min of compiling pays back only over this many steps (CPU)
 
 
@@ -50,20 +52,33 @@ class TrainRecipe:
     path: str = "fast"  # fast | baseline
     memory_format: str = "nchw"  # fast path: layout of the network's input
     compile: bool = False  # fast path: torch.compile the network + loss (pays only for long runs)
+    precision: str = "fp32"  # fast path: fp32 | bf16 (autocast forward; not bit-equal to fp32)
 
     def __post_init__(self):
-        if self.path not in PATHS:
-            raise DsdmError(f"unknown training path '{self.path}'; choose one of: {', '.join(PATHS)}")
-        if self.memory_format not in MEMORY_FORMATS:
-            raise DsdmError(f"unknown memory format '{self.memory_format}'; choose one of: {', '.join(MEMORY_FORMATS)}")
+        for what, value, allowed in (("training path", self.path, PATHS), ("memory format", self.memory_format, MEMORY_FORMATS),
+                                     ("training precision", self.precision, PRECISIONS)):
+            if value not in allowed:
+                raise DsdmError(f"unknown {what} '{value}'; choose one of: {', '.join(allowed)}")
+        if self.precision != "fp32" and self.path == "baseline":
+            raise DsdmError(f"precision={self.precision} runs on the fast training path only; set train_path=fast")
 
 
-def speed_levers(recipe: TrainRecipe, n: int, train_path: str, compile: str) -> TrainRecipe:
-    """`recipe` with a config's speed levers (eval.* or zoo.*) for n training images."""
-    _check_switch("compile", compile)
+def speed_levers(recipe: TrainRecipe, n: int, cfg) -> TrainRecipe:
+    """`recipe` with a config's speed levers (an EvalConfig or ZooConfig: train_path, compile,
+    precision) for n training images."""
+    _check_switch("compile", cfg.compile)
     steps = recipe.epochs * math.ceil(n / recipe.batch_size)
-    on = compile == "on" or (compile == "auto" and steps >= AUTO_COMPILE_STEPS)
-    return replace(recipe, path=train_path, compile=on)
+    on = cfg.compile == "on" or (cfg.compile == "auto" and steps >= AUTO_COMPILE_STEPS)
+    return replace(recipe, path=cfg.train_path, compile=on, precision=cfg.precision)
+
+
+def check_levers(cfg, section: str) -> None:
+    """A config section's speed levers (eval or zoo) are valid: a one-line DsdmError before any run."""
+    try:
+        speed_levers(TrainRecipe(epochs=1, batch_size=1, lr=0.1), 1, cfg)
+        stack_networks(cfg.batch_nets, "cpu")
+    except DsdmError as exc:
+        raise DsdmError(f"{section}: {exc}") from None
 
 
 def stack_networks(batch_nets: str, device: torch.device | str) -> bool:
@@ -100,17 +115,18 @@ def train_classifier(
         return _train_baseline(model, x, y, mean, std, recipe, generator, on_epoch)
     model.train()
     opt, sched = _optimizer(model.parameters(), recipe)
+    net = in_precision(model, recipe.precision)
     loss_fn = torch.compile(_net_loss, dynamic=False) if recipe.compile else _net_loss
     for epoch in range(1, recipe.epochs + 1):
         bad = torch.zeros((), dtype=torch.bool, device=x.device)
         for step in plan_epoch(len(x), recipe, generator, tuple(x.shape[2:]), x.device):
             xb, ya, yb, lam = make_batch(x, y, mean, std, step, recipe.memory_format)
             if recipe.compile:  # lam as a tensor: a float argument would recompile per value
-                loss = loss_fn(model, xb, ya, yb, torch.tensor(lam, device=x.device))
+                loss = loss_fn(model, xb, ya, yb, torch.tensor(lam, device=x.device), recipe.precision)
             elif step.mix is None:
-                loss = F.cross_entropy(model(xb), ya)
+                loss = F.cross_entropy(net(xb), ya)
             else:
-                loss = mixed_cross_entropy(model(xb), ya, yb, lam)
+                loss = mixed_cross_entropy(net(xb), ya, yb, lam)
             bad |= ~torch.isfinite(loss)  # no host sync per step; checked once per epoch
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -160,9 +176,31 @@ def _optimizer(params, recipe: TrainRecipe):
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, list(recipe.milestones), recipe.gamma)
 
 
-def _net_loss(model, xb, ya, yb, lam):
-    """CutMix loss with lam a tensor (lam = 1, yb = ya without CutMix: exactly the plain loss)."""
-    logits = model(xb)
+def in_precision(model: torch.nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` under bf16 autocast (convolutions and linears in bf16), logits back in fp32 so the
+    loss and its reduction stay fp32, as do the weights and the optimiser. fp32: `model` itself."""
+    if precision == "fp32":
+        return model
+
+    def forward_bf16(xb):
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16):
+            return model(xb).float()
+    return forward_bf16
+
+
+def _cast_bf16(one: Callable) -> Callable:
+    """bf16 for the vmapped network: autocast does not reach vmap's batched convolutions (torch
+    2.11), so parameters and input are cast for the forward (gradients flow back to the fp32
+    parameters through the cast); logits back in fp32 as in `in_precision`."""
+    def one_bf16(p, b, xb):
+        return one({k: v.bfloat16() for k, v in p.items()}, b, xb.bfloat16()).float()
+    return one_bf16
+
+
+def _net_loss(model, xb, ya, yb, lam, precision="fp32"):
+    """CutMix loss with lam a tensor (lam = 1, yb = ya without CutMix: exactly the plain loss).
+    The precision wrapper is made inside, so torch.compile guards on the model, not on a closure."""
+    logits = in_precision(model, precision)(xb)
     return lam * F.cross_entropy(logits, ya) + (1.0 - lam) * F.cross_entropy(logits, yb)
 
 
@@ -251,7 +289,7 @@ def _train_stacked(models, x, y, mean, std, recipe, generators, on_epoch):
     def one(p, b, xb):
         return functional_call(skeleton, (p, b), (xb,))
 
-    forward = torch.vmap(one)
+    forward = torch.vmap(one if recipe.precision == "fp32" else _cast_bf16(one))
     opt, sched = _optimizer(list(params.values()), recipe)
     K = len(models)
     for epoch in range(1, recipe.epochs + 1):

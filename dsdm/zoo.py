@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -26,7 +27,8 @@ from dsdm.synthetic import atomic_torch_save
 from dsdm.train import TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifiers
 
 PRETRAIN_OPS = (Op.COLOR, Op.CROP)  # spec: colour + crop augmentation, plus CutMix
-SPEED_LEVERS = ("train_path", "compile", "batch_nets")  # how a zoo is trained, not which zoo (not in zoo_key)
+# how a zoo is trained, not which zoo (not in zoo_key); precision is in it when not fp32 (bf16 rounds the weights)
+SPEED_LEVERS = ("train_path", "compile", "batch_nets", "group_size")
 PRETRAIN_CALLS = 0  # models pre-trained in this process; Tune trials report it (must stay 0)
 
 
@@ -61,6 +63,14 @@ def pretrain_one(dataset: Dataset, cfg: ZooConfig, index: int, device: torch.dev
     return pretrain_group(dataset, cfg, [index], device, on_epoch)[0]
 
 
+def zoo_groups(cfg: ZooConfig, device: torch.device | str, workers: int = 1) -> list[list[int]]:
+    """Model indices per training call (one `pretrain_group` each): zoo.group_size models; with 0
+    (auto) the M models split evenly over `workers` when they train stacked (CUDA), else one."""
+    stacked = stack_networks(cfg.batch_nets, device)
+    size = cfg.group_size or (math.ceil(cfg.num_models / max(1, workers)) if stacked else 1)
+    return [list(range(first, min(first + size, cfg.num_models))) for first in range(0, cfg.num_models, size)]
+
+
 def pretrain_group(dataset: Dataset, cfg: ZooConfig, indices: Sequence[int], device: torch.device | str = "cpu",
                    on_epoch: Callable[[int], None] | None = None) -> list[dict]:
     """`pretrain_one` for each index; with zoo.batch_nets on, trained as one stacked model (same
@@ -72,7 +82,7 @@ def pretrain_group(dataset: Dataset, cfg: ZooConfig, indices: Sequence[int], dev
     arch = zoo_arch(cfg, dataset)
     x, y = pretrain_subset(dataset, cfg.max_per_class, cfg.seed)
     models = [build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, s).to(device) for s in seeds]
-    recipe = speed_levers(zoo_recipe(cfg, dataset.name), len(x), cfg.train_path, cfg.compile)
+    recipe = speed_levers(zoo_recipe(cfg, dataset.name), len(x), cfg)
     results = [{"snapshots": {}, "test_acc": {}} for _ in indices]
 
     def keep(epoch: int, k: int, net: torch.nn.Module) -> None:
@@ -191,7 +201,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def zoo_key(dataset: Dataset, cfg: ZooConfig, data_seed: int = 0, val_fraction: float = 0.1) -> str:
     """What determines a zoo: dataset, split, arch, recipe, seeds and snapshot epochs."""
-    spec = {k: v for k, v in asdict(cfg).items() if k not in SPEED_LEVERS}
+    spec = {k: v for k, v in asdict(cfg).items() if k not in SPEED_LEVERS and (k, v) != ("precision", "fp32")}
     spec = {**spec, "dataset": dataset.name, "arch": zoo_arch(cfg, dataset),
             "data_seed": data_seed, "val_fraction": val_fraction, "snapshots": sorted(cfg.snapshots)}
     blob = json.dumps(spec, sort_keys=True)
@@ -202,9 +212,8 @@ def train_zoo(dataset: Dataset, cfg: ZooConfig, device="cpu", progress: Callable
     """Pre-train all M models in this process (tune.zoo does the same on a Ray actor pool)."""
     zoo = ModelZoo(zoo_arch(cfg, dataset), dataset.name, dataset.channels, dataset.num_classes,
                    dataset.image_size, _jsonable(asdict(cfg)))
-    group = cfg.num_models if stack_networks(cfg.batch_nets, device) else 1
-    for first in range(0, cfg.num_models, group):
-        start, indices = time.time(), list(range(first, min(first + group, cfg.num_models)))
+    for indices in zoo_groups(cfg, device):
+        start = time.time()
         for result in pretrain_group(dataset, cfg, indices, device):
             zoo.add(result)
         if progress is not None:

@@ -100,3 +100,33 @@ def test_train_bench_short_form_writes_the_issue_json(tmp_path):
     replace_section(doc, MARK, "new body", "Classifier training")
     text = doc.read_text()
     assert text.count(MARK[0]) == 1 and "new body" in text and "hand-written text" in text
+
+
+@pytest.mark.slow
+def test_train_bench_bf16_rows(tmp_path):
+    """--bf16 adds the eval workload in bf16 (eager, channels_last, compiled; one compile, ~2 min)."""
+    from benchmarks.train import BF16
+
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "dsdm.bench", "--train", "--bf16", "--epochs", "1", "--eval-nets", "1",
+                           "--eval-images", "70", "--zoo-nets", "1", "--zoo-per-class", "2", "--batched-ns", "",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    b = json.loads(out.read_text())["train"]["eval_convnet3_bf16"]
+    assert set(b["ips"]) == set(BF16) and all(v > 0 for v in b["ips"].values())
+    assert b["ratio"]["baseline"] == 1.0 and set(b["compile_s"]) == {"bf16_compiled"}
+    assert "| bf16_compiled (compile " in proc.stdout
+
+
+def test_train_equivalence_compares_the_paths_asked_for(tmp_path, shared_data):
+    from benchmarks.train_equivalence import main
+
+    for bad in ("fast", "fast,turbo"):
+        with pytest.raises(SystemExit):
+            main(["--paths", bad])
+    out = tmp_path / "eq.json"
+    assert main(["--data-root", str(shared_data), "--paths", "fast,fast-bf16", "--epochs", "1", "--nets", "1",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["test"]) == {"fast", "fast-bf16"} and all(0 < v[0] <= 100 for v in r["test"].values())
+    assert set(r["max_abs_diff"]) == {"fast-bf16"}

@@ -89,7 +89,10 @@ def test_zoo_consistency_checks():
 
 
 @pytest.mark.parametrize("key,value", [("distill.ipc", 0), ("distill.alpha", 1.5), ("eval.runs", 0),
-                                       ("data.val_fraction", 1.0), ("distill.batch_real", 1)])
+                                       ("data.val_fraction", 1.0), ("distill.batch_real", 1),
+                                       ("eval.precision", "fp16"), ("zoo.precision", "half"), ("eval.compile", "yes"),
+                                       ("zoo.batch_nets", "always"), ("eval.train_path", "turbo"),
+                                       ("zoo.group_size", -1)])
 def test_other_invalid_values(key, value):
     with pytest.raises(DsdmError) as err:
         make_config("smoke", {key: value})

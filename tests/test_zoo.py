@@ -112,3 +112,37 @@ def test_load_or_train_zoo_trains_once(digits, tmp_path, monkeypatch):
     other = zoo_mod.zoo_key(digits, ZooConfig(num_models=1, snapshots=(1,), max_per_class=10, batch_size=64, seed=1))
     assert other != folder.name
     assert zoo_mod.zoo_key(digits, cfg, val_fraction=0.2) != folder.name
+
+
+def test_zoo_groups_one_model_per_call_on_cpu_and_the_zoo_split_when_stacked():
+    cfg = ZooConfig(num_models=5)
+    assert zoo_mod.zoo_groups(cfg, "cpu", workers=2) == [[0], [1], [2], [3], [4]]  # today's pool, unchanged
+    assert zoo_mod.zoo_groups(cfg, "cuda", workers=2) == [[0, 1, 2], [3, 4]]  # batch_nets=auto stacks on CUDA
+    assert zoo_mod.zoo_groups(cfg, "cuda") == [[0, 1, 2, 3, 4]]
+    assert zoo_mod.zoo_groups(ZooConfig(num_models=5, batch_nets="off"), "cuda", workers=2) == [[0], [1], [2], [3], [4]]
+    assert zoo_mod.zoo_groups(ZooConfig(num_models=5, group_size=2), "cpu", workers=4) == [[0, 1], [2, 3], [4]]
+
+
+def test_zoo_key_ignores_how_the_zoo_is_trained_except_bf16(digits):
+    key = zoo_mod.zoo_key(digits, TINY)
+    assert key == "digits-6cd86a7cc9fc", "an fp32 zoo keeps the key it had before the precision/group_size keys"
+    levers = {"train_path": "baseline", "compile": "on", "batch_nets": "on", "group_size": 3}
+    assert zoo_mod.zoo_key(digits, ZooConfig(**{**TINY.__dict__, **levers})) == key
+    assert zoo_mod.zoo_key(digits, ZooConfig(**{**TINY.__dict__, "precision": "bf16"})) != key
+
+
+def test_a_group_trains_the_models_it_would_train_one_by_one(digits):
+    cfg = ZooConfig(num_models=3, snapshots=(1,), max_per_class=10, batch_size=64)
+    one = zoo_mod.train_zoo(digits, cfg)
+    grouped = zoo_mod.train_zoo(digits, ZooConfig(**{**cfg.__dict__, "group_size": 2}))
+    assert all(sd_equal(a, b) for a, b in zip(one.state_dicts[1], grouped.state_dicts[1])) and grouped.num_models == 3
+
+
+def test_a_distillation_resumes_across_zoo_speed_levers_but_not_a_bf16_zoo():
+    from dsdm.config import Config
+    from dsdm.distill import config_mismatch
+
+    saved = Config().plain()
+    levers = {"zoo.group_size": 4, "zoo.batch_nets": "on", "zoo.compile": "on", "zoo.train_path": "baseline"}
+    assert config_mismatch(saved, Config().override(levers)) == []
+    assert config_mismatch(saved, Config().override({"zoo.precision": "bf16"})) == ["zoo.precision: 'fp32' -> 'bf16'"]

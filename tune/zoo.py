@@ -1,13 +1,15 @@
 """Pre-train the zoo on a Ray actor pool and share it through the object store.
 
 The driver puts the dataset in the object store once (numpy arrays: zero-copy for
-readers on the same node), a pool of actors runs `dsdm.zoo.pretrain_one` for the M
-models in parallel, and each snapshot is put in the object store once. Trials receive
+readers on the same node), a pool of actors runs `dsdm.zoo.pretrain_group` for the M
+models in parallel, a group of `dsdm.zoo.zoo_groups` models per call (one model on CPU;
+on CUDA the zoo split over the actors, each group trained as one stacked model), and each
+snapshot is put in the object store once. Trials receive
 the grid of ObjectRefs and fetch only the snapshots they use. The actors are killed
 before Tune starts: trials would otherwise wait forever for the CPUs they hold.
 
 Faults: an actor that dies mid-training is restarted by Ray (max_restarts) and its task
-retried (max_task_retries); if it is still lost, the pool re-submits that model to a fresh
+retried (max_task_retries); if it is still lost, the pool re-submits that group to a fresh
 actor. Results are keyed by model index, so every model lands in the zoo exactly once. A
 persisted zoo whose manifest checksums no longer match is moved aside and trained again.
 `fault_point` is the switch the fault-injection tests flip (docs/reliability.md).
@@ -32,7 +34,7 @@ import torch
 from dsdm.config import ZooConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
-from dsdm.zoo import ModelZoo, pretrain_one, zoo_arch, zoo_key
+from dsdm.zoo import ModelZoo, pretrain_group, zoo_arch, zoo_groups, zoo_key
 
 TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 MAX_SUBMITS = 3  # times the pool hands one model to an actor before giving up
@@ -121,7 +123,7 @@ def state_from_numpy(state: dict) -> dict:
 # --- the pool --------------------------------------------------------------------------------
 @ray.remote
 class PretrainWorker:
-    """One zoo model at a time; torch threads pinned to the CPUs the actor holds."""
+    """One group of zoo models per call; torch threads pinned to the CPUs the actor holds."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(max(1, threads))
@@ -129,15 +131,17 @@ class PretrainWorker:
         self.node, self.actor = context.get_node_id(), context.get_actor_id()
         self.restarted = bool(context.was_current_actor_reconstructed)
 
-    def train(self, data_payload: dict, cfg: dict, index: int, device: str) -> dict:
-        fault_point("zoo_kill_index", index, actor=self.actor, node=self.node)
+    def train(self, data_payload: dict, cfg: dict, indices: list[int], device: str) -> list[dict]:
+        """One result per model of the group (`seconds`: the group's wall time)."""
+        for index in indices:
+            fault_point("zoo_kill_index", index, actor=self.actor, node=self.node)
         dataset = dataset_from_store(data_payload)
         start = time.time()
-        result = pretrain_one(dataset, ZooConfig(**{**cfg, "snapshots": tuple(cfg["snapshots"])}), index, device)
-        return {"index": index, "node": self.node, "actor": self.actor, "pid": os.getpid(),
-                "restarted": self.restarted, "seconds": time.time() - start,
-                "snapshots": {e: state_to_numpy(sd) for e, sd in result["snapshots"].items()},
-                "test_acc": result["test_acc"]}
+        results = pretrain_group(dataset, ZooConfig(**{**cfg, "snapshots": tuple(cfg["snapshots"])}), indices, device)
+        return [{"index": index, "group": list(indices), "node": self.node, "actor": self.actor, "pid": os.getpid(),
+                 "restarted": self.restarted, "seconds": time.time() - start,
+                 "snapshots": {e: state_to_numpy(sd) for e, sd in result["snapshots"].items()},
+                 "test_acc": result["test_acc"]} for index, result in zip(indices, results)]
 
 
 @dataclass
@@ -165,8 +169,9 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
                       progress: Callable[[str], None] = print) -> tuple[ModelZoo, list[dict]]:
     """Train M models on `num_actors` actors; return the zoo and per-model (node, actor, seconds).
 
-    Each model index is handed to one idle actor; a lost actor (its death outlived Ray's own
-    restart + task retry) is replaced and the model re-submitted, at most MAX_SUBMITS times.
+    Each group of model indices (`zoo_groups`) is handed to one idle actor; a lost actor (its death
+    outlived Ray's own restart + task retry) is replaced and the group re-submitted, at most
+    MAX_SUBMITS times.
     """
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -178,54 +183,56 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
         return worker.remote(max(1, int(cpus_per_actor)))
 
     actors = [new_actor() for _ in range(max(1, min(num_actors, cfg.num_models)))]
+    groups = zoo_groups(cfg, device, len(actors))
     cfg_dict = {**asdict(cfg), "snapshots": list(cfg.snapshots)}
     zoo = ModelZoo(zoo_arch(cfg, dataset), dataset.name, dataset.channels, dataset.num_classes,
                    dataset.image_size, cfg_dict)
     done: dict[int, dict] = {}
     submits = {i: 0 for i in range(cfg.num_models)}
     resubmitted: list[int] = []
-    todo, idle, running = deque(range(cfg.num_models)), list(actors), {}
+    todo, idle, running = deque(groups), list(actors), {}
     try:
         while todo or running:
             while todo and idle:
-                actor, index = idle.pop(), todo.popleft()
-                submits[index] += 1
-                running[actor.train.remote(data_ref, cfg_dict, index, device)] = (actor, index)
+                actor, group = idle.pop(), todo.popleft()
+                for index in group:
+                    submits[index] += 1
+                running[actor.train.remote(data_ref, cfg_dict, group, device)] = (actor, group)
             ready, _ = ray.wait(list(running), num_returns=1)
-            actor, index = running.pop(ready[0])
+            actor, group = running.pop(ready[0])
+            names = f"zoo model{'s' if len(group) > 1 else ''} {', '.join(str(i + 1) for i in group)}/{cfg.num_models}"
             try:
-                result = ray.get(ready[0])
+                results = ray.get(ready[0])
             except RayTaskError as exc:  # an exception inside pretrain_one: retrying would repeat it
                 if isinstance(getattr(exc, "cause", None), DsdmError):
                     raise DsdmError(str(exc.cause)) from None
                 raise
             except RayActorError as exc:
-                if submits[index] >= MAX_SUBMITS:
-                    raise DsdmError(f"zoo model {index} was lost {submits[index]} times ({type(exc).__name__}); "
+                if max(submits[i] for i in group) >= MAX_SUBMITS:
+                    raise DsdmError(f"{names} lost {max(submits[i] for i in group)} times ({type(exc).__name__}); "
                                     "check the workers' memory and logs, then rerun (finished work is kept)") from None
-                progress(f"zoo model {index + 1}/{cfg.num_models}: actor lost ({type(exc).__name__}); "
-                         "re-submitting it to a fresh actor")
+                progress(f"{names}: actor lost ({type(exc).__name__}); re-submitting to a fresh actor")
                 ray.kill(actor, no_restart=True)
                 actors.append(new_actor())
                 idle.append(actors[-1])
-                todo.appendleft(index)
-                resubmitted.append(index)
+                todo.appendleft(group)
+                resubmitted.extend(group)
                 continue
             idle.append(actor)
-            if index in done:  # never twice, whatever a retry did
-                continue
-            done[index] = result
-            progress(f"zoo model {index + 1}/{cfg.num_models} done on node {result['node'][:8]} "
-                     f"in {result['seconds']:.1f}s ({len(done)}/{cfg.num_models})"
-                     + (" by a restarted actor" if result.get("restarted") else ""))
-            fault_point("driver_zoo_done", index)  # the driver interrupted in the zoo phase
+            fresh = [r for r in results if r["index"] not in done]  # never twice, whatever a retry did
+            done.update((r["index"], r) for r in fresh)
+            if fresh:
+                progress(f"{names} done on node {fresh[0]['node'][:8]} in {fresh[0]['seconds']:.1f}s "
+                         f"({len(done)}/{cfg.num_models})" + (" by a restarted actor" if fresh[0]["restarted"] else ""))
+            for r in fresh:
+                fault_point("driver_zoo_done", r["index"])  # the driver interrupted in the zoo phase
     finally:
         release(actors)
     for index in sorted(done):  # model order = index, whatever finished first
         result = done[index]
         zoo.add({"snapshots": {e: state_from_numpy(s) for e, s in result["snapshots"].items()},
                  "test_acc": result["test_acc"]})
-    keys = ("index", "node", "actor", "pid", "restarted", "seconds")
+    keys = ("index", "group", "node", "actor", "pid", "restarted", "seconds")
     return zoo, [{**{k: done[i][k] for k in keys}, "submits": submits[i], "resubmitted": i in resubmitted}
                  for i in sorted(done)]
 

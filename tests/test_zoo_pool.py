@@ -1,0 +1,52 @@
+"""The Ray zoo pool trains a group of models per actor call (zoo.group_size) and keeps every model
+once, saved each on its own, even when the actor training the group dies mid-call."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsdm.config import make_config
+from dsdm.zoo import ModelZoo, train_zoo
+
+
+@pytest.fixture()
+def ray_with_fault(tmp_path, monkeypatch):
+    """Ray on 2 CPUs whose workers see DSDM_FAULT_ZOO_KILL_INDEX=1: the first actor call that
+    starts model 1 dies (os._exit), as an OOM kill would."""
+    import ray
+
+    from tune.search import start_ray
+
+    monkeypatch.setenv("DSDM_FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("DSDM_FAULT_ZOO_KILL_INDEX", "1")
+    start_ray(None, 2)
+    yield tmp_path
+    ray.shutdown()
+
+
+def test_an_actor_call_trains_a_group_and_a_lost_group_is_retrained(digits, tmp_path, ray_with_fault):
+    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
+
+    cfg = make_config("smoke", {"data.dataset": "digits", "zoo.group_size": 2, "zoo.num_models": 3}).zoo
+    refs, info = load_or_train_zoo_on_pool(digits, put_dataset(digits), cfg, tmp_path / "runs", 0, 0.1,
+                                           num_actors=1, cpus_per_actor=1, progress=lambda line: None)
+    fired = json.loads((ray_with_fault / "zoo_kill_index.fired").read_text())
+    assert fired["value"] == 1
+    models = {m["index"]: m for m in info["models"]}
+    assert sorted(models) == [0, 1, 2]  # every model exactly once
+    assert models[0]["group"] == models[1]["group"] == [0, 1] and models[2]["group"] == [2]
+    assert models[0]["actor"] == models[1]["actor"]  # one call trained both
+    assert models[1]["restarted"] or models[1]["resubmitted"]  # the lost call was run again
+    manifest = json.loads((tmp_path / "runs" / "zoos" / info["folder"].split("/")[-1] / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == [f"model{i:03d}_epoch001.pt" for i in range(3)]  # saved each as before
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actor (1 CPU): the same reduction order, so the same bits
+    try:
+        local = train_zoo(digits, cfg)  # the same models as one process trains one at a time
+    finally:
+        torch.set_num_threads(threads)
+    saved = ModelZoo.load(info["folder"])
+    for a, b in zip(local.state_dicts[1], saved.state_dicts[1]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
