@@ -229,3 +229,23 @@ def test_parent_and_trial_lookups_are_scoped_by_search(tmp_path):
     assert tracking.trial_run(uri, exp, "search-a", "t1", parent) == (trial, None)
     tracking.log_final(uri, trial, {"test_acc": 50.0}, step=3)
     assert tracking.trial_run(uri, exp, "search-a", "t1", parent) == (trial, {"test_acc": 50.0})
+
+
+def test_cross_arch_sweep_logs_into_its_own_trial_run(tmp_path):
+    """ablations.cross_arch records another architecture's accuracy in the trial's run of ITS sweep,
+    even when another sweep of the experiment has a trial with the same id (created later)."""
+    from ablations.cross_arch import record_other_arch
+    from tune import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "dsdm-digits-ipc10", tmp_path / "art")
+    runs = {}
+    for search in ("sweep-a", "sweep-b"):
+        parent = tracking.search_run(uri, exp, search, name=search)
+        runs[search] = (parent, tracking.trial_run(uri, exp, search, "t1", parent)[0])
+    ml = {"uri": uri, "experiment_id": exp, "search_id": "sweep-a", "parent": runs["sweep-a"][0]}
+    result = {"resnet10": {"mean": 40.0, "std": 1.0, "val_mean": 41.0, "runs": [39.0, 41.0]}}
+    assert record_other_arch(ml, "t1", result) == runs["sweep-a"][1]
+    client = tracking._client(uri)
+    assert client.get_run(runs["sweep-a"][1]).data.metrics["acc_mean/resnet10"] == 40.0
+    assert "acc_mean/resnet10" not in client.get_run(runs["sweep-b"][1]).data.metrics
