@@ -167,7 +167,7 @@ def disk_full(exc: BaseException, storage: Path) -> DsdmError | None:
                      "space there (or pass --storage on a larger disk), then rerun the same command with --resume")
 
 
-RESERVE_BYTES = 1024 * 1024  # room for MLflow's sqlite to record the runs' end on a disk that filled
+RESERVE_BYTES = 1024 * 1024  # room for Tune's last state save and MLflow's FAILED marks on a disk that filled
 
 
 class SpaceReserve:
