@@ -34,8 +34,9 @@ from ablations.stats import EffectSpec, mean_ci, sweep_effect
 from dsdm.cli import HelpFormatter
 from dsdm.config import BUDGETS, Config, make_config
 from dsdm.errors import DsdmError
-from tune.search import (BUDGET_HELP, check_storage, finite_float, paper_on_cpu_note, search_lock,  # sets Tune's env defaults
-                         start_ray, trial_table, write_tables)
+from tune.search import (BUDGET_HELP, STOP, Interrupted, check_storage, finite_float,  # sets Tune's env defaults
+                         interrupted_exit, paper_on_cpu_note, resume_advice, search_lock, start_ray, trial_table,
+                         write_tables)
 from tune.space import BUDGET_GRIDS
 
 ACC = "convnet3"  # run_trial evaluates ConvNet-3; cross-arch sweeps add their own
@@ -133,14 +134,14 @@ def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParse
     args = parser.parse_args(argv)
     args.seeds = args.seeds or DEFAULT_SEEDS.get(args.budget, "1")
     args.command = " ".join(["python -m", parser.prog.split()[-1], *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
+    STOP.install()  # SIGINT/SIGTERM stop Tune after it saved its state, as in tune.search
     try:
         run(args)
     except DsdmError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; rerun with --resume to finish the remaining cells", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return interrupted_exit(parser.prog, exc)
     return 0
 
 
@@ -153,6 +154,7 @@ def ray_session(args: argparse.Namespace):
         yield
         return
     start_ray(args.address, args.num_cpus)
+    STOP.install()  # ray.init replaced the SIGTERM handler
     try:
         yield
     finally:
@@ -233,7 +235,10 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
           f"E={list(cfg.zoo.snapshots)}", flush=True)
     with search_lock(storage / f"{path.name}.lock", prog=f"ablations.{name}"), ray_session(args):
         proxy = (proxy_every, proxy_epochs or proxy_epochs_default(cfg))
-        run = _tune_cells(name, args, cfg, path, {ids[k]: d for k, d in diffs.items()}, seeds, proxy)
+        try:
+            run = _tune_cells(name, args, cfg, path, {ids[k]: d for k, d in diffs.items()}, seeds, proxy)
+        except KeyboardInterrupt:
+            raise Interrupted(resume_advice(str(path), path, False, restarts_on_resume=ledger(path).exists())) from None
         results, trials, dataset, zoo_info = run["results"], run["trials"], run["dataset"], run["zoo_info"]
         wall = time.time() - t0 + run["earlier_wall_s"]
         table = aggregate(cells, ids, trials, paper or {}, args.budget, wall)
@@ -275,7 +280,8 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
     if path.exists() and not args.resume:
         raise DsdmError(f"'{path}' already holds this sweep; pass --resume to continue (or finish) it, "
                         "or another --storage")
-    if args.resume and not tune.Tuner.can_restore(str(path)):
+    restore = args.resume and tune.Tuner.can_restore(str(path))
+    if args.resume and not restore and not ledger(path).exists():  # a ledger: started, stopped before Tune saved
         raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
     started = time.time()
     sessions = start_session(path, args.resume, getattr(args, "command", ""))
@@ -290,30 +296,34 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
     parent = tracking.search_run(uri, experiment_id, str(path), name=path.name, tags={"dsdm.sweep": name})
     tracking.log_params(uri, parent, {**cfg.plain(), "sweep.name": name, "sweep.seeds": json.dumps(seeds),
                                       "sweep.cells": json.dumps(cells, default=str)[:6000]})
-
-    data_ref = put_dataset(dataset)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    actors = max(1, min(cfg.zoo.num_models, int(cpus // max(args.zoo_cpus, 0.01))))
-    zoo_refs, zoo_info = load_or_train_zoo_on_pool(dataset, data_ref, cfg.zoo, storage, cfg.data.seed,
-                                                   cfg.data.val_fraction, actors, args.zoo_cpus, args.zoo_gpus)
-    (storage / f"{path.name}.zoo.json").write_text(json.dumps(zoo_info, indent=1))
-    options = {"mlflow_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "search_id": str(path),
-               "threads": args.trial_cpus, "gpus": args.trial_gpus, "proxy_every": proxy[0], "proxy_epochs": proxy[1]}
-    trainable = tune.with_resources(
-        tune.with_parameters(run_cell, cells=cells, base=cfg.plain(), data=[data_ref], zoo=zoo_refs, options=options),
-        {"cpu": args.trial_cpus, "gpu": args.trial_gpus})
-    if args.resume:
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space={"cell": tune.grid_search(list(cells)), "seed": tune.grid_search(seeds)},
-            # reuse_actors: a trial's process (torch, MLflow imported) serves the next cell
-            tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
-            run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    try:
-        results = tuner.fit()
+    try:  # from the zoo to Tune's end: an interrupt or error ends the sweep's open runs KILLED / FAILED
+        data_ref = put_dataset(dataset)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        actors = max(1, min(cfg.zoo.num_models, int(cpus // max(args.zoo_cpus, 0.01))))
+        zoo_refs, zoo_info = load_or_train_zoo_on_pool(dataset, data_ref, cfg.zoo, storage, cfg.data.seed,
+                                                       cfg.data.val_fraction, actors, args.zoo_cpus, args.zoo_gpus)
+        (storage / f"{path.name}.zoo.json").write_text(json.dumps(zoo_info, indent=1))
+        options = {"mlflow_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "search_id": str(path),
+                   "threads": args.trial_cpus, "gpus": args.trial_gpus, "proxy_every": proxy[0],
+                   "proxy_epochs": proxy[1]}
+        trainable = tune.with_resources(
+            tune.with_parameters(run_cell, cells=cells, base=cfg.plain(), data=[data_ref], zoo=zoo_refs,
+                                 options=options),
+            {"cpu": args.trial_cpus, "gpu": args.trial_gpus})
+        if restore:
+            tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={"cell": tune.grid_search(list(cells)), "seed": tune.grid_search(seeds)},
+                # reuse_actors: a trial's process (torch, MLflow imported) serves the next cell
+                tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
+                run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+        with STOP.fit():
+            results = tuner.fit()
+        if STOP.signal is not None:
+            raise KeyboardInterrupt  # Tune saved its state; finished cells stay finished
     except BaseException as exc:
         tracking.close_open_runs(uri, experiment_id, str(path), "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -350,18 +360,24 @@ def with_runs(trials, results):
     return trials
 
 
+def ledger(path: Path) -> Path:
+    """The sweep's session ledger, next to its Tune folder (so a fresh run that dies early leaves no
+    folder behind); it exists once an invocation got past the checks, so `--resume` can restart a
+    sweep stopped before Tune saved anything."""
+    return path.parent / f"{path.name}.sessions.json"
+
+
 def start_session(path: Path, resume: bool, command: str) -> list[dict]:
-    """Append this invocation to the sweep's session ledger (next to its Tune folder, so a fresh
-    run that dies early leaves no folder behind); returns every session so far."""
-    ledger = path.parent / f"{path.name}.sessions.json"
+    """Append this invocation to the sweep's session ledger; returns every session so far."""
+    file = ledger(path)
     sessions = []
     if resume:
         with contextlib.suppress(OSError, ValueError):
-            sessions = list(json.loads(ledger.read_text()))
+            sessions = list(json.loads(file.read_text()))
     sessions.append({"session": len(sessions) + 1, "started": time.time(), "command": command})
-    tmp = ledger.with_name(f".{ledger.name}.tmp")
+    tmp = file.with_name(f".{file.name}.tmp")
     tmp.write_text(json.dumps(sessions, indent=1))
-    tmp.replace(ledger)
+    tmp.replace(file)
     return sessions
 
 

@@ -46,10 +46,18 @@ def evaluate_other_archs(out, args) -> dict[str, list[tuple[float, float, int]]]
         result = merge_results(ray.get(refs))
         r = result[arch]
         per_arch.setdefault(arch, []).append((r["mean"], r["std"], len(r["runs"])))
-        run_id = tracking.find_or_create_run(ml["uri"], ml["experiment_id"], {tracking.TRIAL_TAG: trial_id},
-                                             tracking.TRIAL_TAG, name=f"trial-{trial_id}")
-        tracking.log_metrics(ml["uri"], run_id, tracking.eval_metrics(result))
+        record_other_arch(ml, trial_id, result)
     return per_arch
+
+
+def record_other_arch(ml: dict, trial_id: str, result: dict) -> str:
+    """Log a set's evaluation on another architecture into its trial's run of THIS sweep (found by
+    search id + trial id: another sweep in the experiment may have a trial with the same id)."""
+    from tune import tracking
+
+    run_id, _ = tracking.trial_run(ml["uri"], ml["experiment_id"], ml["search_id"], trial_id, ml["parent"])
+    tracking.log_metrics(ml["uri"], run_id, tracking.eval_metrics(result))
+    return run_id
 
 
 def pooled(parts: list[tuple[float, float, int]]) -> tuple[float, float, int]:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_faults import NAME, last_line, run_search, search_env, snapshot
+from test_faults import NAME, TINY, last_line, run_search, search_env, snapshot
 
 from dsdm.errors import DsdmError
 
@@ -84,6 +85,54 @@ def test_interrupt_in_zoo_phase_ends_parent_killed(zoo_interrupt):
     assert list(runs) == ["parent"] and runs["parent"]["status"] == "KILLED", runs
 
 
+# --- finding 7 for the ablation sweeps: the advice after an interrupt is the command that works ---
+def run_sweep_cli(storage: Path, log: Path, *extra: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ablations.pretrain_epochs", "--dataset", "digits", "--budget", "smoke",
+           "--num-cpus", "1", "--storage", str(storage), "--results", str(storage.parent / "results"), *TINY, *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log.with_suffix(".err").write_text(proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweep_interrupts(tmp_path_factory):
+    """An ablation sweep interrupted in its zoo phase, rerun as its advice says and interrupted again
+    once its first trial logged its final metrics (the Tune phase), then rerun as that advice says."""
+    tmp = tmp_path_factory.mktemp("sweep_interrupts")
+    storage = tmp / "storage"
+    out = {"zoo": run_sweep_cli(storage, tmp / "zoo", env=search_env(tmp / "f1", driver_zoo_done="0@SIGINT"))}
+    out["mlflow_zoo"] = snapshot(storage)
+    advised = ["--resume"] if "with --resume" in last_line(out["zoo"].stderr) else []
+    out["tune"] = run_sweep_cli(storage, tmp / "tune", *advised,
+                                env=search_env(tmp / "f2", trial_final_logged="0@SIGINT"))  # grid trials count from 0
+    advised = ["--resume"] if "with --resume" in last_line(out["tune"].stderr) else []
+    out["last"] = run_sweep_cli(storage, tmp / "last", *advised, env=search_env())
+    out["mlflow_last"] = snapshot(storage)
+    out["fired"] = [(tmp / f / name).is_file() for f, name in (("f1", "driver_zoo_done.fired"),
+                                                                ("f2", "trial_final_logged.fired"))]
+    return out
+
+
+def test_sweep_interrupted_in_any_phase_advises_the_command_that_works(sweep_interrupts):
+    zoo, tune_phase, last = sweep_interrupts["zoo"], sweep_interrupts["tune"], sweep_interrupts["last"]
+    assert sweep_interrupts["fired"] == [True, True]
+    assert zoo.returncode == 130 and last_line(zoo.stderr) == (
+        "python -m ablations.pretrain_epochs: interrupted (SIGINT); nothing was saved to resume yet; rerun the same "
+        "command with --resume (it starts the grid again)"), zoo.stderr[-2000:]
+    assert tune_phase.returncode == 130 and last_line(tune_phase.stderr) == (
+        "python -m ablations.pretrain_epochs: interrupted (SIGINT); finished trials are saved, rerun the same command "
+        "with --resume to finish the others"), tune_phase.stderr[-2000:]
+    assert last.returncode == 0, last.stderr[-2000:]
+
+
+def test_sweep_interrupted_runs_end_killed_then_finished(sweep_interrupts):
+    assert {k: r["status"] for k, r in sweep_interrupts["mlflow_zoo"].items()} == {"parent": "KILLED"}
+    runs = sweep_interrupts["mlflow_last"]
+    assert {r["status"] for r in runs.values()} == {"FINISHED"} and len(runs) == 2, runs
+    (trial,) = [t for t in runs if t != "parent"]
+    assert runs[trial]["counts"]["test_acc"] == 1 and runs[trial]["parent"] == runs["parent"]["run_id"]
+
+
 # --- finding 4: two searches creating one new MLflow store ---------------------------------------
 STORE = """
 import sys, time, pathlib
@@ -140,6 +189,88 @@ def test_disk_full_marks_parent_failed_and_resume_finishes(disk_full):
     assert after["parent"]["status"] == "FINISHED" and after["parent"]["run_id"] == runs["parent"]["run_id"]
     (trial,) = [t for t in after if t != "parent"]
     assert after[trial]["counts"]["test_acc"] == 1 and after[trial]["parent"] == after["parent"]["run_id"]
+
+
+def test_disk_full_in_a_trial_stops_the_search_at_once_with_a_short_stderr(tmp_path):
+    """The first trial error that names a full disk stops Tune (no retries, no tracebacks): Tune's
+    and MLflow's repeats of it are dropped, the one line ends stderr, the runs end FAILED."""
+    storage = tmp_path / "storage"
+    proc = run_search(storage, tmp_path / "enospc", samples=1, env=search_env(tmp_path / "f", trial_start="1@enospc"))
+    assert proc.returncode == 2, proc.stderr[-3000:]  # the old code retried the trial (--max-failures 2): exit 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"tune.search: error: no space left on device writing '{storage.resolve()}' ("), lines
+    assert "Traceback" not in proc.stderr and len(lines) <= 8, proc.stderr[-3000:]  # Ray/MLflow start-up lines + 1
+    runs = snapshot(storage)
+    assert {r["status"] for r in runs.values()} == {"FAILED"} and len(runs) == 2, runs
+    assert not (storage / f".{NAME}.reserve").exists()
+
+
+def small_disk_prefix() -> list[str] | None:
+    """`unshare -m` (root) or `unshare -r -m`: a private mount namespace where a small tmpfs can be
+    mounted for one shell script and vanishes with it; None where neither works."""
+    if shutil.which("unshare") is None:
+        return None
+    for prefix in (["unshare", "-m"], ["unshare", "-r", "-m"]):
+        probe = subprocess.run([*prefix, "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+FULL_DISK_SCRIPT = """
+set -u
+mount -t tmpfs -o size=12m tmpfs "$STORAGE"
+"$@" > "$OUT/full.out" 2> "$OUT/full.err"; echo $? > "$OUT/full.rc"
+ls -a "$STORAGE" > "$OUT/full.ls"; cp -a "$STORAGE" "$OUT/after_full"
+rm "$DSDM_FAULT_FILL"
+unset DSDM_FAULT_TRIAL_EXIT_AT
+"$@" --resume > "$OUT/resumed.out" 2> "$OUT/resumed.err"; echo $? > "$OUT/resumed.rc"
+cp -a "$STORAGE" "$OUT/after_resume"
+"""
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    """A search on a 12 MB tmpfs (its own mount namespace) that the fault `fill` fills after trial 1's
+    iteration 3, MLflow's sqlite file included; then the fill is deleted and the search resumed."""
+    prefix = small_disk_prefix()
+    if prefix is None:
+        pytest.skip("no mount namespace for a small tmpfs (needs root or unprivileged user namespaces)")
+    tmp = tmp_path_factory.mktemp("small_disk")
+    storage, faults = tmp / "storage", tmp / "f"
+    storage.mkdir()
+    env = search_env(faults, trial_exit_at="3@fill")
+    env.update(DSDM_FAULT_FILL=str(storage / "fill"), STORAGE=str(storage), OUT=str(tmp))
+    cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke", "--num-samples", "1",
+           "--num-cpus", "1", "--storage", str(storage), "--cross-arch", "none", *TINY]
+    subprocess.run([*prefix, "sh", "-c", FULL_DISK_SCRIPT, "sh", *cmd], cwd=REPO, env=env, timeout=900, check=True)
+    read = lambda name: (tmp / name).read_text()  # noqa: E731
+    return {"storage": storage, "fired": (faults / "trial_exit_at.fired").is_file(),
+            "full": (int(read("full.rc")), read("full.err")), "listing": read("full.ls").split(),
+            "resumed": (int(read("resumed.rc")), read("resumed.err")),
+            "mlflow_full": snapshot(tmp / "after_full"), "mlflow_resumed": snapshot(tmp / "after_resume")}
+
+
+def test_disk_filling_mid_search_gives_a_short_stderr(small_disk):
+    rc, err = small_disk["full"]
+    assert small_disk["fired"] and rc == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("tune.search: error: no space left on device writing '"), err[-3000:]
+    assert lines[-1].endswith("then rerun the same command with --resume")
+    assert "Traceback" not in err and len(lines) <= 10, err[-3000:]  # the old code: hundreds of lines
+
+
+def test_disk_full_with_mlflow_on_it_marks_runs_failed_and_resume_finishes(small_disk):
+    runs = small_disk["mlflow_full"]  # the reserve made room for MLflow's sqlite file to end the runs
+    assert {r["status"] for r in runs.values()} == {"FAILED"} and len(runs) == 2, runs
+    assert f".{NAME}.reserve" not in small_disk["listing"]
+    rc, err = small_disk["resumed"]
+    assert rc == 0, err[-3000:]
+    after = small_disk["mlflow_resumed"]
+    assert after["parent"]["status"] == "FINISHED" and after["parent"]["run_id"] == runs["parent"]["run_id"]
+    (trial,) = [t for t in after if t != "parent"]
+    assert after[trial]["status"] == "FINISHED" and after[trial]["counts"]["test_acc"] == 1
 
 
 def test_too_little_free_space_is_refused_up_front(tmp_path, digits):
@@ -229,3 +360,23 @@ def test_parent_and_trial_lookups_are_scoped_by_search(tmp_path):
     assert tracking.trial_run(uri, exp, "search-a", "t1", parent) == (trial, None)
     tracking.log_final(uri, trial, {"test_acc": 50.0}, step=3)
     assert tracking.trial_run(uri, exp, "search-a", "t1", parent) == (trial, {"test_acc": 50.0})
+
+
+def test_cross_arch_sweep_logs_into_its_own_trial_run(tmp_path):
+    """ablations.cross_arch records another architecture's accuracy in the trial's run of ITS sweep,
+    even when another sweep of the experiment has a trial with the same id (created later)."""
+    from ablations.cross_arch import record_other_arch
+    from tune import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "dsdm-digits-ipc10", tmp_path / "art")
+    runs = {}
+    for search in ("sweep-a", "sweep-b"):
+        parent = tracking.search_run(uri, exp, search, name=search)
+        runs[search] = (parent, tracking.trial_run(uri, exp, search, "t1", parent)[0])
+    ml = {"uri": uri, "experiment_id": exp, "search_id": "sweep-a", "parent": runs["sweep-a"][0]}
+    result = {"resnet10": {"mean": 40.0, "std": 1.0, "val_mean": 41.0, "runs": [39.0, 41.0]}}
+    assert record_other_arch(ml, "t1", result) == runs["sweep-a"][1]
+    client = tracking._client(uri)
+    assert client.get_run(runs["sweep-a"][1]).data.metrics["acc_mean/resnet10"] == 40.0
+    assert "acc_mean/resnet10" not in client.get_run(runs["sweep-b"][1]).data.metrics

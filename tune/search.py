@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -128,7 +130,7 @@ def space_needed(cfg: Config, dataset, num_samples: int, zoo_on_disk: bool) -> i
         net = get_model(zoo_arch(cfg.zoo, dataset), dataset.channels, dataset.num_classes, tuple(dataset.image_size))
         zoo = 4 * count_parameters(net) * cfg.zoo.num_models * len(cfg.zoo.snapshots)
     images = cfg.distill.ipc * dataset.num_classes * dataset.channels * math.prod(dataset.image_size) * 4
-    return zoo + num_samples * (12 * images + 256 * 1024) + 2 * 1024 * 1024
+    return zoo + num_samples * (12 * images + 256 * 1024) + 2 * 1024 * 1024 + RESERVE_BYTES
 
 
 def mb(n: float) -> str:
@@ -163,6 +165,68 @@ def disk_full(exc: BaseException, storage: Path) -> DsdmError | None:
     where = getattr(exc, "filename", None) or storage
     return DsdmError(f"no space left on device writing '{where}' ({mb(free or 0)} free under '{storage}'); free "
                      "space there (or pass --storage on a larger disk), then rerun the same command with --resume")
+
+
+RESERVE_BYTES = 1024 * 1024  # room for Tune's last state save and MLflow's FAILED marks on a disk that filled
+
+
+class SpaceReserve:
+    """A file of RESERVE_BYTES under the storage while a search runs: when the disk fills, the
+    driver deletes it first, so that Tune can still save its state and MLflow's sqlite file (on the
+    same disk) can still mark the runs FAILED. Written again by the next start or --resume."""
+
+    def __init__(self, storage: Path, name: str):
+        self.path = storage / f".{name}.reserve"
+
+    def __enter__(self) -> "SpaceReserve":
+        with open(self.path, "wb") as fh:  # zeros, not a sparse file: the blocks must be taken
+            fh.write(bytes(RESERVE_BYTES))
+        return self
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class FullDiskWatch(logging.Filter):
+    """Ray Tune and MLflow report a full disk again and again, each time with a traceback (every
+    failed trial attempt, every ~10 s experiment-state save, every MLflow write): about a thousand
+    lines before the driver's one line. On the first record that names a full disk this filter
+    frees the reserve (room for Tune's last save of its state, a complete file that --resume can
+    read, and for MLflow's sqlite), asks Tune to stop (as a signal does, without retrying trials)
+    and from then on drops every warning and error of Ray's and MLflow's loggers; the driver then
+    prints its one line (`error`)."""
+
+    LOGGERS = ("ray", "mlflow")  # their handlers: Tune and Train log through "ray", MLflow through "mlflow"
+
+    def __init__(self, storage: Path, reserve: SpaceReserve):
+        super().__init__()
+        self.storage, self.reserve = storage, reserve
+        self.error: DsdmError | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.error is None:
+            text = record.getMessage() + ("".join(traceback.format_exception(*record.exc_info))
+                                          if record.exc_info else "")
+            if not any(m in text for m in FULL_DISK):
+                return True
+            self.error = disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.storage)
+            self.reserve.release()
+            STOP.stop_tune()
+        return record.levelno < logging.WARNING
+
+    def attach(self) -> None:
+        """On the loggers' current handlers (ray.init may set up new ones: attach again after it)."""
+        for name in self.LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                handler.addFilter(self)  # once per handler, however often called
+
+    def detach(self) -> None:
+        for name in self.LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                handler.removeFilter(self)
 
 
 @contextmanager
@@ -312,9 +376,14 @@ class GracefulStop:
             # os.write, not print: a handler must not re-enter a buffered stream the main code is writing
             os.write(2, f"tune.search: {self.signal} received; stopping after Tune saves the experiment state "
                         "(send it again to stop at once)\n".encode())
-            signal.raise_signal(signal.SIGUSR1)
+            self.stop_tune()
             return
         raise KeyboardInterrupt
+
+    def stop_tune(self) -> None:
+        """Ask a running `Tuner.fit` to stop after saving its state (Tune's SIGUSR1 handler); no-op outside."""
+        if self.in_fit and callable(signal.getsignal(signal.SIGUSR1)):
+            signal.raise_signal(signal.SIGUSR1)
 
     @contextmanager
     def fit(self):
@@ -344,11 +413,16 @@ class Interrupted(KeyboardInterrupt):
         self.advice = advice
 
 
-def resume_advice(tune_path: str, path: Path, remote: bool) -> str:
+def resume_advice(tune_path: str, path: Path, remote: bool, restarts_on_resume: bool = False) -> str:
+    """What to rerun after an interrupt: --resume once Tune saved a state; before that, the command
+    without --resume (which then refuses nothing), unless --resume also restarts an unsaved run
+    (`restarts_on_resume`: the ablation sweeps, whose session ledger records that one was started)."""
     from ray import tune
 
     if tune.Tuner.can_restore(tune_path):
         return "finished trials are saved, rerun the same command with --resume to finish the others"
+    if restarts_on_resume:
+        return "nothing was saved to resume yet; rerun the same command with --resume (it starts the grid again)"
     if not remote and path.exists():
         return f"nothing was saved to resume; delete '{path}' and rerun the same command without --resume"
     return "nothing was saved to resume yet; rerun the same command without --resume"
@@ -512,11 +586,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune.search: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        name = STOP.signal or "SIGINT"
-        advice = getattr(exc, "advice", "rerun the same command with --resume to finish the others")
-        print(f"tune.search: interrupted ({name}); {advice}", file=sys.stderr)
-        return 128 + signal.Signals[name].value
+        return interrupted_exit("tune.search", exc)
     return 0
+
+
+def interrupted_exit(prog: str, exc: KeyboardInterrupt) -> int:
+    """Print the advice an `Interrupted` carries (the command that works from where it stopped);
+    the exit code is 128 + the signal's number, as a shell reports a process a signal stopped."""
+    name = STOP.signal or "SIGINT"
+    advice = getattr(exc, "advice", "rerun the same command with --resume to finish the others")
+    print(f"{prog}: interrupted ({name}); {advice}", file=sys.stderr)
+    return 128 + signal.Signals[name].value
 
 
 def paper_on_cpu_note(budget: str, gpus: float, num_samples: int, prog: str = "tune.search") -> None:
@@ -568,19 +648,25 @@ def run_search(args: argparse.Namespace) -> dict:
         check_ipc_fits(dataset, cfg)
         check_free_space(storage, space_needed(cfg, dataset, args.num_samples, zoo_on_disk=args.resume))
         paper_on_cpu_note(args.budget, args.trial_gpus, args.num_samples)
+        reserve = SpaceReserve(storage, name)
+        watch = FullDiskWatch(storage, reserve)
+        watch.attach()
         try:
-            return _run_checked(args, cfg, space, storage, path, tune_path, dataset, uri, t0)
+            with reserve:
+                return _run_checked(args, cfg, space, storage, path, tune_path, dataset, uri, t0, watch, reserve)
         except KeyboardInterrupt:
             raise Interrupted(resume_advice(tune_path, path, remote)) from None
         except Exception as exc:  # a full disk surfaces as OSError, or inside Ray's, Tune's or torch's errors
-            error = None if isinstance(exc, DsdmError) else disk_full(exc, storage)
+            error = None if isinstance(exc, DsdmError) else (watch.error or disk_full(exc, storage))
             if error is None:
                 raise
             raise error from None
+        finally:
+            watch.detach()
 
 
 def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune_path: str, dataset, uri: str,
-                 t0: float) -> dict:
+                 t0: float, watch: FullDiskWatch, reserve: SpaceReserve) -> dict:
     from tune import tracking
 
     experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
@@ -591,14 +677,15 @@ def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune
         tracking.log_params(uri, parent, {**cfg.plain(), "search.num_samples": args.num_samples,
                                           "search.scheduler": args.scheduler, "search.space": json.dumps(sorted(space))})
         table, zoo_info = _tune_and_cross_arch(args, cfg, space, storage, path, tune_path, dataset, uri,
-                                               experiment_id, parent)
+                                               experiment_id, parent, watch)
         md, pq = write_tables(table, path)
         done = table[table["status"] == "DONE"]
         if done.empty:  # every trial errored: a failed search, whatever Tune returned
             raise no_trial_done(path)
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        try:  # best effort: on a full disk MLflow may not be writable either; a resume reopens the runs
+        reserve.release()  # first: on a full disk, this is the room MLflow's sqlite file needs for what follows
+        try:  # best effort: on a disk full even after that, a resume reopens the runs
             tracking.close_open_runs(uri, experiment_id, search_id, status)
         except Exception:
             pass
@@ -619,7 +706,7 @@ def _run_checked(args, cfg: Config, space: dict, storage: Path, path: Path, tune
 
 
 def _tune_and_cross_arch(args, cfg: Config, space: dict, storage: Path, path: Path, tune_path: str, dataset,
-                         uri: str, experiment_id: str, parent: str):
+                         uri: str, experiment_id: str, parent: str, watch: FullDiskWatch):
     import ray
     from ray import tune
 
@@ -630,6 +717,7 @@ def _tune_and_cross_arch(args, cfg: Config, space: dict, storage: Path, path: Pa
     search_id = tune_path
     start_ray(args.address, args.num_cpus)
     STOP.install()  # ray.init replaced the SIGTERM handler
+    watch.attach()  # and may have set up Ray's log handlers anew
     try:
         data_ref = put_dataset(dataset)
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -650,6 +738,8 @@ def _tune_and_cross_arch(args, cfg: Config, space: dict, storage: Path, path: Pa
         tuner = make_tuner(args, cfg, space, tune_path, trainable, args.resume)
         with STOP.fit():
             results = tuner.fit()
+        if watch.error is not None:  # the disk filled: Tune stopped at the first error saying so
+            raise watch.error
         record_placement(path, data_ref, zoo_info)
         if STOP.signal is not None:
             raise KeyboardInterrupt  # Tune saved its state; finished trials stay finished

@@ -98,16 +98,6 @@ def _search(uri: str, experiment_id: str, tags: dict[str, str]) -> list:
     return _client(uri).search_runs([experiment_id], filter_string=where)
 
 
-def find_or_create_run(uri: str, experiment_id: str, tags: dict[str, str], key: str, name: str) -> str:
-    """The run carrying tag `key` = tags[key] (and the same search id, when `tags` has one);
-    created if absent (idempotent across resumes)."""
-    scope = {k: tags[k] for k in (key, SEARCH_TAG) if k in tags}
-    found = _search(uri, experiment_id, scope)
-    if found:
-        return found[0].info.run_id
-    return _client(uri).create_run(experiment_id, tags=tags, run_name=name).info.run_id
-
-
 def search_run(uri: str, experiment_id: str, search_id: str, name: str, tags: dict[str, str] | None = None) -> str:
     """The search's parent run: the one with its search id and no trial id (trial runs carry the
     search id too); reopened (RUNNING) when a resumed search finds it ended."""

@@ -61,6 +61,7 @@ def fault_point(name: str, where, **context) -> None:
       exit     os._exit(1): the process dies without cleanup, like an OOM kill;
       raise    a RuntimeError naming the fault (an error inside the trial);
       enospc   an OSError(ENOSPC) for the path in context["path"], as a full disk raises it;
+      fill     fill the disk for real: write zeros to $DSDM_FAULT_FILL (a file) until it is full;
       SIGINT / SIGTERM   that signal to the driver (DSDM_FAULT_DRIVER_PID, else this process);
       block    wait until killed (the driver is stopping; gives up after FAULT_BLOCK_S).
     Fires once per DSDM_FAULT_DIR: the first process to get here creates <dir>/<name>.fired
@@ -87,6 +88,8 @@ def fault_point(name: str, where, **context) -> None:
             raise RuntimeError(f"fault injected at {name}={where}")
         elif action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(context.get("path", "")))
+        elif action == "fill":
+            fill_disk(Path(os.environ[FAULT_ENV_PREFIX + "FILL"]))
         elif action in ("SIGINT", "SIGTERM"):
             os.kill(int(os.environ.get(FAULT_ENV_PREFIX + "DRIVER_PID", os.getpid())), getattr(signal, action))
         elif action == "block":
@@ -94,6 +97,25 @@ def fault_point(name: str, where, **context) -> None:
             os._exit(1)
         else:
             raise ValueError(f"unknown fault action '{action}' in {FAULT_ENV_PREFIX}{name.upper()}={spec}")
+
+
+def fill_disk(path: Path) -> None:
+    """Append zeros to `path` until its file system has no byte left (the fault `fill`)."""
+    block = bytes(64 * 1024)
+    with open(path, "ab", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(block)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    try:  # the last partial block
+        with open(path, "ab", buffering=0) as fh:
+            while True:
+                fh.write(b"\0" * 512)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
 
 
 # --- dataset through the object store --------------------------------------------------------
