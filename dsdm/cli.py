@@ -254,7 +254,7 @@ def cmd_evaluate(args, cfg: Config) -> None:
 
 
 def results_table(label: str, dataset: str, results: dict) -> str:
-    lines = [f"| set | dataset | arch | protocol | epochs | test acc % (final epoch) | val acc % | runs | seconds |",
+    lines = ["| set | dataset | arch | protocol | epochs | test acc % (final epoch) | val acc % | runs | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arch, r in results.items():
         lines.append(f"| {label} | {dataset} | {arch} | {r['protocol']} | {r['epochs']} | {r['mean']:.2f} ± {r['std']:.2f} "

@@ -8,7 +8,7 @@ import torch
 
 import torch.nn.functional as F
 
-from dsdm.augment import EVAL_OPS, Op, apply_cutmix, cutmix, normalize, ops_for, sample_cutmix
+from dsdm.augment import Op, apply_cutmix, cutmix, normalize, sample_cutmix
 from dsdm.config import EvalConfig, ZooConfig, make_config
 from dsdm.errors import DsdmError
 from dsdm.evaluate import evaluate_set, get_protocol
