@@ -100,22 +100,16 @@ def fault_point(name: str, where, **context) -> None:
 
 
 def fill_disk(path: Path) -> None:
-    """Append zeros to `path` until its file system has no byte left (the fault `fill`)."""
-    block = bytes(64 * 1024)
+    """Append zeros to `path` until its file system has no byte left (the fault `fill`): 64 KiB
+    blocks, then 512-byte ones for the last partial block."""
     with open(path, "ab", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(block)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    try:  # the last partial block
-        with open(path, "ab", buffering=0) as fh:
-            while True:
-                fh.write(b"\0" * 512)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
+        for block in (bytes(64 * 1024), bytes(512)):
+            try:
+                while True:
+                    fh.write(block)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
 
 
 # --- dataset through the object store --------------------------------------------------------
