@@ -1,15 +1,16 @@
 """`python -m benchmarks.train_equivalence`: statistical equivalence of the training paths.
 
-Trains `--nets` ConvNet-3s per path (`--paths`, default `baseline,fast`: today's loop and the
+Trains `--nets` networks (`--arch`, default ConvNet-3) per path (`--paths`, default `baseline,fast`: today's loop and the
 default; also `fast-bf16` and `fast-bf16-compiled`, `eval.precision=bf16` eager / compiled) with the
-DSDM protocol at the cpu budget's epochs on a random MNIST coreset of 40 images per class (the
-400 training images of an IPC 10 factor-2 set), interleaved network by network with the same
+DSDM protocol at the cpu budget's epochs on a random coreset of 40 images per class of MNIST
+(`--dataset`; the 400 training images of an IPC 10 factor-2 set), interleaved network by network with the same
 seeds as `evaluate_set` (run i: seed i), and reports each path's final test accuracy mean ± sd
 and standard error, and the largest per-network difference to the first path. JSON after every
 network (partial runs count).
 
     python -m benchmarks.train_equivalence --data-root ../shared/data --json eq.json
     python -m benchmarks.train_equivalence --paths fast,fast-bf16 --epochs 10 --nets 4 --json bf16.json
+    python -m benchmarks.train_equivalence --arch resnet10 --paths fast,fast-bf16 --epochs 20 --nets 4
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from dsdm.config import make_config
 from dsdm.coreset import select_coreset
 from dsdm.data import load_dataset
 from dsdm.evaluate import get_protocol
+from dsdm.models import list_models
 from dsdm.train import accuracy, build_model, train_classifier
 
 PATHS = {"baseline": {"path": "baseline"}, "fast": {}, "fast-bf16": {"precision": "bf16"},
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = make_config("cpu", {"data.dataset": "mnist"})
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_equivalence", description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--dataset", default="mnist", help="default mnist (the issue's check); digits runs in seconds")
     p.add_argument("--nets", type=int, default=10)
+    p.add_argument("--arch", default="convnet3", choices=list_models())
     p.add_argument("--epochs", type=int, default=cfg.eval.epochs, help=f"default: the cpu budget's {cfg.eval.epochs}")
     p.add_argument("--paths", default="baseline,fast", help=f"comma-separated, >= 2 of: {', '.join(PATHS)}")
     p.add_argument("--json", type=Path)
@@ -53,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = [v.strip() for v in args.paths.split(",") if v.strip()]
     if len(paths) < 2 or not set(paths) <= set(PATHS):
         p.error(f"--paths takes two or more of: {', '.join(PATHS)} (got '{args.paths}')")
-    ds = load_dataset("mnist", args.data_root, offline=True)
+    ds = load_dataset(args.dataset, args.data_root, offline=True)
     x, y = select_coreset("random", ds, 40, seed=cfg.distill.seed).decoded()
-    rec = get_protocol(cfg.eval.protocol).recipe("mnist", args.epochs)
-    out = {"epochs": args.epochs, "images": len(x), "test": {k: [] for k in paths},
+    rec = get_protocol(cfg.eval.protocol).recipe(args.dataset, args.epochs)
+    out = {"dataset": args.dataset, "arch": args.arch, "epochs": args.epochs, "images": len(x), "test": {k: [] for k in paths},
            "seconds": {k: [] for k in paths}, "load": []}
     for run in range(args.nets):
         seed = cfg.eval.seed * 1000 + run
         for path in paths if run % 2 == 0 else paths[::-1]:  # alternate who goes first
-            model = build_model("convnet3", ds.channels, ds.num_classes, ds.image_size, seed)
+            model = build_model(args.arch, ds.channels, ds.num_classes, ds.image_size, seed)
             t = time.time()  # a compiled path's first network includes the compile
             train_classifier(model, x, y, ds.mean, ds.std, replace(rec, **PATHS[path]), torch.Generator().manual_seed(seed))
             out["seconds"][path].append(time.time() - t)

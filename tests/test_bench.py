@@ -118,15 +118,16 @@ def test_train_bench_bf16_rows(tmp_path):
     assert "| bf16_compiled (compile " in proc.stdout
 
 
-def test_train_equivalence_compares_the_paths_asked_for(tmp_path, shared_data):
+def test_train_equivalence_compares_the_paths_asked_for(tmp_path):
     from benchmarks.train_equivalence import main
 
     for bad in ("fast", "fast,turbo"):
         with pytest.raises(SystemExit):
             main(["--paths", bad])
     out = tmp_path / "eq.json"
-    assert main(["--data-root", str(shared_data), "--paths", "fast,fast-bf16", "--epochs", "1", "--nets", "1",
-                 "--json", str(out)]) == 0
+    assert main(["--dataset", "digits", "--arch", "resnet10", "--paths", "fast,fast-bf16", "--epochs", "1",
+                 "--nets", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
+    assert (r["dataset"], r["arch"], r["images"]) == ("digits", "resnet10", 400)
     assert set(r["test"]) == {"fast", "fast-bf16"} and all(0 < v[0] <= 100 for v in r["test"].values())
     assert set(r["max_abs_diff"]) == {"fast-bf16"}
