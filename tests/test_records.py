@@ -57,7 +57,7 @@ def zoo_interrupt(tmp_path_factory):
     first = run_search(storage, tmp / "first", env=search_env(tmp / "f1", driver_zoo_done="0@SIGINT"))
     advice = last_line(first.stderr)
     extra = ["--resume"] if "with --resume" in advice else []
-    again = run_search(storage, tmp / "again", *extra, env=search_env(tmp / "f2", driver_zoo_done="0@SIGINT"))
+    again = run_search(storage, tmp / "again", *extra, env=search_env(tmp / "f2", driver_zoo_done="1@SIGINT"))
     return {"storage": storage, "dead": dead.pid, "first": first, "again": again, "advice": advice,
             "fired": [(tmp / f / "driver_zoo_done.fired").is_file() for f in ("f1", "f2")],
             "mlflow": snapshot(storage)}
@@ -74,10 +74,13 @@ def test_stale_lock_of_a_dead_process_is_taken_over(zoo_interrupt):
 def test_interrupt_in_zoo_phase_advises_the_command_that_works(zoo_interrupt):
     first, again = zoo_interrupt["first"], zoo_interrupt["again"]
     assert zoo_interrupt["fired"][0] and first.returncode == 130, first.stderr[-2000:]
-    assert zoo_interrupt["advice"] == ("tune.search: interrupted (SIGINT); nothing was saved to resume yet; "
+    assert zoo_interrupt["advice"] == ("tune.search: interrupted (SIGINT); no trial was saved yet (finished zoo models are kept); "
                                        "rerun the same command without --resume")
-    # following the advice gets past every check into the zoo phase again (not "nothing to resume", exit 2)
+    # following the advice gets past every check into the zoo phase again (not "nothing to resume", exit 2),
+    # which keeps the model the first run finished and trains only the other (interrupted again after it)
     assert zoo_interrupt["fired"][1] and again.returncode == 130, again.stderr[-2000:]
+    assert "zoo: 1/2 models finished by an earlier run, kept from " in again.stdout + again.stderr
+    assert "zoo model 1/2 done" not in again.stdout + again.stderr and "zoo model 2/2 done" in again.stdout + again.stderr
 
 
 def test_interrupt_in_zoo_phase_ends_parent_killed(zoo_interrupt):
@@ -117,7 +120,7 @@ def test_sweep_interrupted_in_any_phase_advises_the_command_that_works(sweep_int
     zoo, tune_phase, last = sweep_interrupts["zoo"], sweep_interrupts["tune"], sweep_interrupts["last"]
     assert sweep_interrupts["fired"] == [True, True]
     assert zoo.returncode == 130 and last_line(zoo.stderr) == (
-        "python -m ablations.pretrain_epochs: interrupted (SIGINT); nothing was saved to resume yet; rerun the same "
+        "python -m ablations.pretrain_epochs: interrupted (SIGINT); no trial was saved yet (finished zoo models are kept); rerun the same "
         "command with --resume (it starts the grid again)"), zoo.stderr[-2000:]
     assert tune_phase.returncode == 130 and last_line(tune_phase.stderr) == (
         "python -m ablations.pretrain_epochs: interrupted (SIGINT); finished trials are saved, rerun the same command "

@@ -1,5 +1,6 @@
 """The Ray zoo pool trains a group of models per actor call (zoo.group_size) and keeps every model
-once, saved each on its own, even when the actor training the group dies mid-call."""
+once, saved each on its own, even when the actor training the group dies mid-call; a zoo phase
+cut short keeps its finished models for the next run."""
 from __future__ import annotations
 
 import json
@@ -41,12 +42,48 @@ def test_an_actor_call_trains_a_group_and_a_lost_group_is_retrained(digits, tmp_
     assert models[1]["restarted"] or models[1]["resubmitted"]  # the lost call was run again
     manifest = json.loads((tmp_path / "runs" / "zoos" / info["folder"].split("/")[-1] / "manifest.json").read_text())
     assert sorted(manifest["files"]) == [f"model{i:03d}_epoch001.pt" for i in range(3)]  # saved each as before
+    assert_same_models_as_one_process(digits, cfg, info["folder"])
+
+
+def assert_same_models_as_one_process(digits, cfg, folder) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the actor (1 CPU): the same reduction order, so the same bits
     try:
         local = train_zoo(digits, cfg)  # the same models as one process trains one at a time
     finally:
         torch.set_num_threads(threads)
-    saved = ModelZoo.load(info["folder"])
+    saved = ModelZoo.load(folder)
+    assert len(saved.state_dicts[1]) == len(local.state_dicts[1]) == cfg.num_models
     for a, b in zip(local.state_dicts[1], saved.state_dicts[1]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_zoo_interrupted_after_two_models_trains_only_the_third_when_run_again(digits, tmp_path, monkeypatch):
+    import ray
+
+    from tune.search import start_ray
+    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
+
+    cfg = make_config("smoke", {"data.dataset": "digits", "zoo.num_models": 3}).zoo
+    (tmp_path / "faults").mkdir()
+    monkeypatch.setenv("DSDM_FAULT_DIR", str(tmp_path / "faults"))
+    monkeypatch.setenv("DSDM_FAULT_DRIVER_ZOO_DONE", "1@raise")  # the driver fails once model 2 of 3 is in
+    zoos, lines = tmp_path / "runs" / "zoos", []
+    start_ray(None, 1)
+    try:
+        data_ref = put_dataset(digits)
+        train = lambda: load_or_train_zoo_on_pool(digits, data_ref, cfg, tmp_path / "runs", 0, 0.1,  # noqa: E731
+                                                  num_actors=1, cpus_per_actor=1, progress=lines.append)
+        with pytest.raises(RuntimeError, match="fault injected at driver_zoo_done=1"):
+            train()
+        (partial,) = zoos.iterdir()
+        assert partial.name.endswith(".partial") and sorted(p.name for p in partial.iterdir()) == [
+            "model000.pt", "model001.pt"]  # one actor: models in index order, each written as it arrived
+        lines.clear()
+        _, info = train()
+    finally:
+        ray.shutdown()
+    assert lines[0] == f"zoo: 2/3 models finished by an earlier run, kept from {partial}", lines
+    assert [m["resumed"] for m in info["models"]] == [True, True, False] and info["trained"]
+    assert [p.name for p in zoos.iterdir()] == [partial.name.removesuffix(".partial")]  # the partial folder is gone
+    assert_same_models_as_one_process(digits, cfg, info["folder"])

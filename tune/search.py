@@ -422,10 +422,10 @@ def resume_advice(tune_path: str, path: Path, remote: bool, restarts_on_resume: 
     if tune.Tuner.can_restore(tune_path):
         return "finished trials are saved, rerun the same command with --resume to finish the others"
     if restarts_on_resume:
-        return "nothing was saved to resume yet; rerun the same command with --resume (it starts the grid again)"
+        return "no trial was saved yet (finished zoo models are kept); rerun the same command with --resume (it starts the grid again)"
     if not remote and path.exists():
         return f"nothing was saved to resume; delete '{path}' and rerun the same command without --resume"
-    return "nothing was saved to resume yet; rerun the same command without --resume"
+    return "no trial was saved yet (finished zoo models are kept); rerun the same command without --resume"
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> None:

@@ -10,8 +10,11 @@ before Tune starts: trials would otherwise wait forever for the CPUs they hold.
 
 Faults: an actor that dies mid-training is restarted by Ray (max_restarts) and its task
 retried (max_task_retries); if it is still lost, the pool re-submits that group to a fresh
-actor. Results are keyed by model index, so every model lands in the zoo exactly once. A
-persisted zoo whose manifest checksums no longer match is moved aside and trained again.
+actor. Results are keyed by model index, so every model lands in the zoo exactly once. Each
+finished model is written at once to `<zoo folder>.partial/` (`FinishedModels`), so a search
+interrupted in the zoo phase trains only the models still missing when it is run again (a
+model's seed depends on its index alone). A persisted zoo whose manifest checksums no longer
+match is moved aside and trained again.
 `fault_point` is the switch the fault-injection tests flip (docs/reliability.md).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -34,6 +38,7 @@ import torch
 from dsdm.config import ZooConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
+from dsdm.synthetic import atomic_torch_save
 from dsdm.zoo import ModelZoo, pretrain_group, zoo_arch, zoo_groups, zoo_key
 
 TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
@@ -136,6 +141,42 @@ def state_from_numpy(state: dict) -> dict:
     return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
 
+class FinishedModels:
+    """The models of a zoo still in training that are already done: one `model<i>.pt` each under
+    `<zoo folder>.partial/`, written atomically as each arrives, read back by the next run, and
+    removed once the whole zoo is saved."""
+
+    RECORD = ("index", "group", "node", "actor", "pid", "restarted", "seconds", "test_acc")
+
+    def __init__(self, zoo_folder: Path):
+        self.folder = zoo_folder.with_name(zoo_folder.name + ".partial")
+
+    def load(self, num_models: int, progress: Callable[[str], None]) -> dict[int, dict]:
+        done = {}
+        for path in sorted(self.folder.glob("model*.pt")):
+            try:
+                record = torch.load(path, map_location="cpu", weights_only=True)
+                index = int(record["index"])
+                snapshots = {int(e): state_to_numpy(sd) for e, sd in record["snapshots"].items()}
+            except Exception as exc:  # a foreign or damaged file costs that model's training, nothing else
+                progress(f"zoo: ignoring {path} ({type(exc).__name__}); that model is trained again")
+                continue
+            if 0 <= index < num_models:
+                done[index] = {**{k: record[k] for k in self.RECORD}, "snapshots": snapshots, "resumed": True}
+        if done:
+            progress(f"zoo: {len(done)}/{num_models} models finished by an earlier run, kept from {self.folder}")
+        return done
+
+    def save(self, result: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {k: result[k] for k in self.RECORD}
+        record["snapshots"] = {e: state_from_numpy(s) for e, s in result["snapshots"].items()}
+        atomic_torch_save(record, self.folder / f"model{result['index']:03d}.pt")
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 # --- the pool --------------------------------------------------------------------------------
 @ray.remote
 class PretrainWorker:
@@ -182,12 +223,14 @@ class ZooRefs:
 
 def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: int, cpus_per_actor: float,
                       gpus_per_actor: float = 0.0, resources: dict | None = None,
-                      progress: Callable[[str], None] = print) -> tuple[ModelZoo, list[dict]]:
+                      progress: Callable[[str], None] = print,
+                      finished: FinishedModels | None = None) -> tuple[ModelZoo, list[dict]]:
     """Train M models on `num_actors` actors; return the zoo and per-model (node, actor, seconds).
 
     Each group of model indices (`zoo_groups`) is handed to one idle actor; a lost actor (its death
     outlived Ray's own restart + task retry) is replaced and the group re-submitted, at most
-    MAX_SUBMITS times.
+    MAX_SUBMITS times. With `finished`, models an earlier run finished are taken from it and each
+    new one is written to it as it arrives.
     """
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -198,12 +241,13 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
     def new_actor():
         return worker.remote(max(1, int(cpus_per_actor)))
 
-    actors = [new_actor() for _ in range(max(1, min(num_actors, cfg.num_models)))]
-    groups = zoo_groups(cfg, device, len(actors))
+    done: dict[int, dict] = finished.load(cfg.num_models, progress) if finished is not None else {}
+    missing = cfg.num_models - len(done)
+    actors = [new_actor() for _ in range(max(1, min(num_actors, missing)))] if missing else []
+    groups = [g for g in ([i for i in group if i not in done] for group in zoo_groups(cfg, device, len(actors) or 1)) if g]
     cfg_dict = {**asdict(cfg), "snapshots": list(cfg.snapshots)}
     zoo = ModelZoo(zoo_arch(cfg, dataset), dataset.name, dataset.channels, dataset.num_classes,
                    dataset.image_size, cfg_dict)
-    done: dict[int, dict] = {}
     submits = {i: 0 for i in range(cfg.num_models)}
     resubmitted: list[int] = []
     todo, idle, running = deque(groups), list(actors), {}
@@ -237,6 +281,8 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
             idle.append(actor)
             fresh = [r for r in results if r["index"] not in done]  # never twice, whatever a retry did
             done.update((r["index"], r) for r in fresh)
+            for r in fresh if finished is not None else ():
+                finished.save(r)
             if fresh:
                 progress(f"{names} done on node {fresh[0]['node'][:8]} in {fresh[0]['seconds']:.1f}s "
                          f"({len(done)}/{cfg.num_models})" + (" by a restarted actor" if fresh[0]["restarted"] else ""))
@@ -249,8 +295,8 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
         zoo.add({"snapshots": {e: state_from_numpy(s) for e, s in result["snapshots"].items()},
                  "test_acc": result["test_acc"]})
     keys = ("index", "group", "node", "actor", "pid", "restarted", "seconds")
-    return zoo, [{**{k: done[i][k] for k in keys}, "submits": submits[i], "resubmitted": i in resubmitted}
-                 for i in sorted(done)]
+    return zoo, [{**{k: done[i][k] for k in keys}, "submits": submits[i], "resubmitted": i in resubmitted,
+                  "resumed": done[i].get("resumed", False)} for i in sorted(done)]
 
 
 def release(actors: list, timeout_s: float = 30.0) -> None:
@@ -294,9 +340,11 @@ def load_or_train_zoo_on_pool(dataset: Dataset, data_ref, cfg: ZooConfig, storag
                      f"moved it to {aside} and pre-training the zoo again")
     if zoo is None:
         start = time.time()
+        finished = FinishedModels(folder)
         zoo, info["models"] = train_zoo_on_pool(data_ref, dataset, cfg, num_actors, cpus_per_actor,
-                                                gpus_per_actor, resources, progress)
+                                                gpus_per_actor, resources, progress, finished)
         zoo.save(folder)
+        finished.clear()  # after the manifest: an interrupt in between keeps both, and the zoo wins
         info.update(trained=True, seconds=time.time() - start)
         progress(f"zoo: {cfg.num_models} models trained in {info['seconds']:.1f}s, saved to {folder}")
     return put_zoo(zoo), info
