@@ -40,7 +40,6 @@ from tune.search import (BUDGET_HELP, STOP, Interrupted, check_storage, finite_f
 from tune.space import BUDGET_GRIDS
 
 ACC = "convnet3"  # run_trial evaluates ConvNet-3; cross-arch sweeps add their own
-WALL_FILE = "ablation-wall.json"  # in the Tune run folder: wall time of earlier invocations
 # Distillation seeds a sweep runs when --seeds is not given: paired statistics need >= 2.
 DEFAULT_SEEDS = {"resolve": "2"}
 
@@ -270,12 +269,7 @@ def proxy_epochs_default(cfg: Config) -> int:
 
 def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seeds: list[int],
                 proxy: tuple[int, int]):
-    import ray
     from ray import tune
-
-    from dsdm.data import load_dataset
-    from tune import tracking
-    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
 
     if path.exists() and not args.resume:
         raise DsdmError(f"'{path}' already holds this sweep; pass --resume to continue (or finish) it, "
@@ -285,6 +279,21 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
         raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
     started = time.time()
     sessions = start_session(path, args.resume, getattr(args, "command", ""))
+    try:
+        return _run_cells(name, args, cfg, path, cells, seeds, proxy, restore, sessions)
+    finally:  # interrupted or not, this invocation's wall time (zoo included) joins the ledger
+        end_session(path, sessions, time.time() - started)
+
+
+def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seeds: list[int],
+               proxy: tuple[int, int], restore: bool, sessions: list[dict]):
+    import ray
+    from ray import tune
+
+    from dsdm.data import load_dataset
+    from tune import tracking
+    from tune.zoo import load_or_train_zoo_on_pool, put_dataset
+
     dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
     paper_on_cpu_note(args.budget, args.trial_gpus, len(cells) * len(seeds), prog=f"ablations.{name}")
     storage = path.parent
@@ -328,23 +337,13 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
         tracking.close_open_runs(uri, experiment_id, str(path), "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracking.close_open_runs(uri, experiment_id, str(path), "FAILED", keep=parent)  # trials that died unreported
-    earlier = _earlier_wall(path, args.resume)
-    (path / WALL_FILE).write_text(json.dumps({"wall_s": earlier + time.time() - started}))
     trials = with_runs(trial_table(results, ["cell", "seed"]), results)
     trials["session"] = [session_of(sessions, t) if s == "DONE" else None
                          for t, s in zip(trials["finished"], trials["status"])]
     write_tables(trials, path)  # per-trial table next to the Tune run, as tune.search does
     return {"results": results, "trials": trials, "dataset": dataset, "zoo_info": zoo_info,
             "uri": uri, "parent": parent, "experiment_id": experiment_id, "search_id": str(path),
-            "earlier_wall_s": earlier}
-
-
-def _earlier_wall(path: Path, resume: bool) -> float:
-    """Wall time of the invocations a resumed sweep continues (their zoo, trials), so tables add it."""
-    try:
-        return float(json.loads((path / WALL_FILE).read_text())["wall_s"]) if resume else 0.0
-    except (OSError, ValueError, KeyError):
-        return 0.0
+            "earlier_wall_s": earlier_wall(sessions)}
 
 
 def with_runs(trials, results):
@@ -375,10 +374,26 @@ def start_session(path: Path, resume: bool, command: str) -> list[dict]:
         with contextlib.suppress(OSError, ValueError):
             sessions = list(json.loads(file.read_text()))
     sessions.append({"session": len(sessions) + 1, "started": time.time(), "command": command})
+    _write_ledger(file, sessions)
+    return sessions
+
+
+def end_session(path: Path, sessions: list[dict], wall_s: float) -> None:
+    """Record this invocation's wall time in the ledger, so a sweep resumed across sessions reports
+    the sum (an invocation killed without its `finally` counts 0: the table's wall is then low)."""
+    sessions[-1]["wall_s"] = wall_s
+    _write_ledger(ledger(path), sessions)
+
+
+def earlier_wall(sessions: list[dict]) -> float:
+    """Wall time of the invocations before this one (their zoo, trials), so a resumed table adds it."""
+    return sum(float(s.get("wall_s", 0.0)) for s in sessions[:-1])
+
+
+def _write_ledger(file: Path, sessions: list[dict]) -> None:
     tmp = file.with_name(f".{file.name}.tmp")
     tmp.write_text(json.dumps(sessions, indent=1))
     tmp.replace(file)
-    return sessions
 
 
 def session_of(sessions: list[dict], finished: float | None) -> int | None:

@@ -283,3 +283,23 @@ def test_resume_finished_sweep_reruns_nothing(dirs, components_run):
     ledger = json.loads((dirs[0] / "components-digits-ipc10-smoke.sessions.json").read_text())
     assert [s["session"] for s in ledger] == [1, 2] and "--resume" in ledger[1]["command"]
     assert sweep(components, dirs, *PAIRED) == 2  # without --resume: one line naming the fix
+
+
+def test_ledger_keeps_the_wall_time_of_an_interrupted_invocation(tmp_path, monkeypatch):
+    """A sweep stopped mid-way (here: before its first trial) still books its wall time (zoo
+    included), and the resumed invocation's table adds it."""
+    from argparse import Namespace
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    path, seen = tmp_path / "sweep-digits-ipc1-smoke", []
+    monkeypatch.setattr(common, "_run_cells", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common._tune_cells("sweep", Namespace(resume=False, command="first"), None, path, {}, [0], (0, 0))
+    monkeypatch.setattr(common, "_run_cells", lambda *args: seen.append(common.earlier_wall(args[-1])))
+    common._tune_cells("sweep", Namespace(resume=True, command="second"), None, path, {}, [0], (0, 0))
+    ledger = json.loads(common.ledger(path).read_text())
+    assert [s["command"] for s in ledger] == ["first", "second"]
+    assert all(isinstance(s["wall_s"], float) and s["wall_s"] >= 0 for s in ledger)
+    assert seen == [ledger[0]["wall_s"]]
