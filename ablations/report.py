@@ -149,6 +149,7 @@ def plot_sweep(table, path: Path, meta: dict) -> Path:
         ax.plot(xs, ys, "s--", color="tab:gray")
         ax.set_xscale(table["xscale"].iloc[0])
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xticks([], minor=True)  # a log axis would label its minor ticks (3 x 10^0) between ours
         ax.set_xlabel(groups[0].split(" (")[0])  # the paper's own M/E, not ours
         ax.set_ylabel("paper's test accuracy (%)")
         ax.set_title(f"paper, {meta.get('paper_setting') or meta['dataset']}\n(for its shape only)", fontsize=9)
@@ -180,6 +181,7 @@ def _panel(ax, rows, meta: dict, group: str) -> None:
         ax.errorbar(xs, rows["test_mean"], yerr=err, marker="o", capsize=3, label="ours (95% CI)")
         ax.set_xscale(rows["xscale"].iloc[0])
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xticks([], minor=True)
         ax.set_xlabel(group or "setting")
     else:
         ax.bar(xs, rows["test_mean"], yerr=err, capsize=3, color="tab:blue", alpha=0.8, label="ours (95% CI)")

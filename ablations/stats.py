@@ -16,13 +16,19 @@ cell) keeps the pairing, so the noise cells share cancels in their differences.
   be declared; the bootstrap SE (x sqrt(n / (n - 1))) with t(n - 1) covers 94-95%.
 - Table 4 (and the λ re-evaluation): the paired difference of each row against the previous
   one, mean of the per-unit differences with a t-based 95% CI.
+- Across distillation seeds (what the verdict uses when a sweep has >= 2 seeds): units that
+  share a seed share a distilled set, so they are not independent, and a dud set (one seed's
+  cell several points low for all its networks) is noise that pairing cannot cancel. The
+  replicate is then the seed: the effect is computed per seed (on that seed's mean over its
+  networks) and its CI is t(S - 1) over the S per-seed effects. Measured why (docs/results.md,
+  M sweep at `resolve`): over units the slope's CI was +0.18 to +0.93, yet seed 0 was flat
+  (+0.08) and seed 1's +1.04 came from dud sets at M = 1 and 4. The unit-level CI stays in the
+  table (`effect_nets_*`) as the part of the noise the evaluation networks add.
 - Verdict: `reproduced` (the CI excludes 0 and the effect has the paper's sign),
   `contradicted` (the CI excludes 0, opposite sign), `unresolved` (the CI contains 0).
-- The smallest effect the budget could detect: 2.8 x SE, the true effect a two-sided 5%
-  test finds with 80% power ((1.96 + 0.84) x SE).
-
-Caveat: units that share a distillation seed share a distilled set, so they are not
-independent; with few seeds the CIs understate the seed-to-seed part of the noise.
+- The smallest effect the budget could detect: (t_{0.975} + t_{0.80}) x SE with the CI's
+  degrees of freedom, the true effect a two-sided 5% test finds with 80% power (2.8 x SE for
+  many degrees of freedom; 14.1 x SE with 2 seeds, which is why sweeps want more seeds).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import numpy as np
 from scipy import stats as sps
 
 LEVEL = 0.95
-DETECTABLE_Z = 2.8  # z_{0.975} + z_{0.80} = 1.96 + 0.84: 80% power at two-sided 5%
+POWER = 0.80
 N_BOOT = 2000
 BOOT_SEED = 0
 VERDICTS = ("reproduced", "contradicted", "unresolved")
@@ -47,13 +53,20 @@ class Effect:
     low: float
     high: float
     se: float
-    n: int  # paired units it rests on
+    n: int  # paired units (or distillation seeds) it rests on; its CI has n - 1 degrees of freedom
     method: str
+
+    @property
+    def detectable_factor(self) -> float:
+        """(t_{0.975} + t_{0.80}) with n - 1 degrees of freedom: 80% power at two-sided 5%."""
+        if self.n < 2:
+            return math.nan
+        return float(sps.t.ppf(0.5 + LEVEL / 2, self.n - 1) + sps.t.ppf(POWER, self.n - 1))
 
     @property
     def detectable(self) -> float:
         """The smallest true effect this design finds with 80% power (two-sided 5%)."""
-        return DETECTABLE_Z * self.se
+        return self.detectable_factor * self.se
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,13 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = LEV
     return Effect(s["mean"], s["ci95_low"], s["ci95_high"], se, s["n"], "paired t")
 
 
+def across_seeds(per_seed: Sequence[float], level: float = LEVEL) -> Effect:
+    """The mean of per-seed effects with a t-based CI: the distillation seed as the replicate."""
+    s = mean_ci(per_seed, level)
+    se = s["sd"] / math.sqrt(s["n"]) if s["n"] > 1 else math.nan
+    return Effect(s["mean"], s["ci95_low"], s["ci95_high"], se, s["n"], f"t({s['n'] - 1}) over {s['n']} distillation seeds")
+
+
 def verdict(effect: Effect, paper_sign: int) -> str:
     """reproduced / contradicted when the CI excludes 0 (same / opposite sign), else unresolved."""
     if not (math.isfinite(effect.low) and math.isfinite(effect.high)) or effect.low <= 0 <= effect.high:
@@ -134,33 +154,59 @@ def unit_matrix(runs, labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     return wide.to_numpy(dtype=float), [str(u) for u in wide.index]
 
 
+def seed_matrix(runs, labels: Sequence[str]) -> np.ndarray:
+    """(seeds, cells): each distillation seed's mean over its networks, from the complete units
+    of `unit_matrix`; (0, cells) when the runs carry no `seed` column."""
+    acc, units = unit_matrix(runs, labels)
+    if "seed" not in runs or not units:
+        return np.empty((0, len(labels)))
+    seed_of = runs.drop_duplicates("unit").set_index("unit")["seed"]
+    return _seed_means(acc, seed_of.reindex(units).to_numpy())
+
+
+def _seed_means(acc: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    return np.stack([acc[keys == k].mean(axis=0) for k in sorted(set(keys.tolist()))])
+
+
 def sweep_effect(table, runs, spec: EffectSpec, n_boot: int = N_BOOT, seed: int = BOOT_SEED):
     """The table with the sweep's effect columns added, and the verdict line."""
     table = table.copy()
     labels = list(dict.fromkeys(table["cell"]))
     acc, _ = unit_matrix(runs, labels) if len(runs) else (np.empty((0, len(labels))), [])
+    seeds = seed_matrix(runs, labels) if len(runs) else np.empty((0, len(labels)))
+    by_seed = len(seeds) >= 2  # the seed is the replicate; one seed: networks only (conditional on its sets)
     first = table.drop_duplicates("cell").set_index("cell")
     if spec.kind == "log_slope":
         xs = [float(first.at[c, "x"]) for c in labels]
-        effect = bootstrap_slope(acc, xs, n_boot, seed)
+        nets = bootstrap_slope(acc, xs, n_boot, seed)
+        per_seed = log_slope(xs, seeds) if len(seeds) else np.empty(0)
+        effect = across_seeds(per_seed) if by_seed else nets
         sign = spec.paper_sign
     elif spec.kind == "steps":
         paper = [first.at[c, "paper"] if "paper" in first else None for c in labels]
-        steps = {labels[i]: (paired_difference(acc[:, i - 1], acc[:, i]),
-                             _paper_sign(paper[i - 1], paper[i], spec.paper_sign)) for i in range(1, len(labels))}
+
+        def step(i: int, j: int) -> Effect:  # cell j minus cell i
+            return across_seeds(seeds[:, j] - seeds[:, i]) if by_seed else paired_difference(acc[:, i], acc[:, j])
+
+        steps = {labels[i]: (step(i - 1, i), _paper_sign(paper[i - 1], paper[i], spec.paper_sign))
+                 for i in range(1, len(labels))}
         for column, value in (("delta", lambda e: e.estimate), ("delta_ci95_low", lambda e: e.low),
                               ("delta_ci95_high", lambda e: e.high), ("delta_detectable", lambda e: e.detectable)):
             table[column] = [value(steps[c][0]) if c in steps else math.nan for c in table["cell"]]
         table["delta_verdict"] = [verdict(*steps[c]) if c in steps else "" for c in table["cell"]]
-        effect = paired_difference(acc[:, 0], acc[:, -1]) if len(labels) > 1 else _nan_effect()
+        effect = step(0, len(labels) - 1) if len(labels) > 1 else _nan_effect()
+        nets = paired_difference(acc[:, 0], acc[:, -1]) if len(labels) > 1 else _nan_effect()
+        per_seed = seeds[:, -1] - seeds[:, 0] if len(seeds) and len(labels) > 1 else np.empty(0)
         sign = _paper_sign(paper[0], paper[-1], spec.paper_sign)
     else:
         raise ValueError(f"unknown effect kind '{spec.kind}'")
     word = verdict(effect, sign)
     table = table.assign(effect=effect.estimate, effect_ci95_low=effect.low, effect_ci95_high=effect.high,
                          effect_se=effect.se, effect_detectable=effect.detectable, effect_units=effect.n,
-                         effect_method=effect.method, verdict=word)
-    return table, verdict_line(word, effect, spec, labels, sign, table)
+                         effect_method=effect.method, verdict=word,
+                         effect_per_seed=" ".join(signed(v) for v in per_seed),
+                         effect_nets_ci95_low=nets.low, effect_nets_ci95_high=nets.high, effect_nets_units=nets.n)
+    return table, verdict_line(word, effect, spec, labels, sign, table, nets if by_seed else None, per_seed)
 
 
 def _nan_effect() -> Effect:
@@ -180,20 +226,26 @@ def ci_text(effect: Effect) -> str:
     return f"95% CI {signed(effect.low)} to {signed(effect.high)}"
 
 
-def verdict_line(word: str, effect: Effect, spec: EffectSpec, labels: list[str], sign: int, table) -> str:
+def verdict_line(word: str, effect: Effect, spec: EffectSpec, labels: list[str], sign: int, table,
+                 nets: Effect | None = None, per_seed: Sequence[float] = ()) -> str:
+    """The table's last line. `nets`: the networks-only CI, shown beside a verdict taken over seeds."""
     expect = "positive" if sign > 0 else "negative"
-    mde = f"{effect.detectable:.2f} ({DETECTABLE_Z} x SE)" if effect.detectable == effect.detectable else "–"
+    factor = f"{effect.detectable_factor:.1f}"
+    mde = f"{effect.detectable:.2f} ({factor} x SE)" if effect.detectable == effect.detectable else "–"
+    basis = (f"{effect.method} (per seed: {', '.join(signed(v) for v in per_seed)})" if nets is not None
+             else f"{effect.method} over {effect.n} (seed, net) units")
+    also = (f"; over the {nets.n} (seed, net) units alone, which leave out the distilled sets' noise: "
+            f"{ci_text(nets)}" if nets is not None else "")
     if spec.kind == "log_slope":
         what = spec.what or "x"
         return (f"verdict: {word} — slope of test accuracy on ln({what}): {signed(effect.estimate)} points per unit "
-                f"of ln {what} ({ci_text(effect)}; {effect.method} over {effect.n} (seed, net) units x "
-                f"{len(labels)} cells); paper's sign: {expect}; smallest slope this budget detects with 80% "
-                f"power: {mde}.")
+                f"of ln {what} ({ci_text(effect)}; {basis} x {len(labels)} cells{also}); paper's sign: {expect}; "
+                f"smallest slope this budget detects with 80% power: {mde}.")
     rows = "; ".join(f"{c}: {v} ({signed(d)}, {signed(lo)} to {signed(hi)})" for c, v, d, lo, hi in
                      table.drop_duplicates("cell")[["cell", "delta_verdict", "delta", "delta_ci95_low",
                                                     "delta_ci95_high"]].itertuples(index=False) if v)
     claim = f"; a positive difference means {spec.claim}" if spec.claim else f"; paper's sign: {expect}"
     per_row = f"; each row vs the previous: {rows}" if len(labels) > 2 else ""
     return (f"verdict: {word} — {labels[-1]} minus {labels[0]}: {signed(effect.estimate)} points "
-            f"({ci_text(effect)}; {effect.method} over {effect.n} (seed, net) units){claim}{per_row}; smallest "
+            f"({ci_text(effect)}; {basis}{also}){claim}{per_row}; smallest "
             f"difference this budget detects with 80% power: {mde}.")

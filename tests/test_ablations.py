@@ -181,7 +181,8 @@ def test_model_count_smoke_reuses_the_zoo(dirs):
     frame = table(dirs, "model_count", "digits-ipc10")
     assert_every_cell(frame, model_count.cells("smoke"))
     lines = assert_paired_statistics(dirs, "model_count", frame)
-    assert "slope of test accuracy on ln(M)" in lines[-1] and "4 (seed, net) units x 2 cells" in lines[-1]
+    assert "slope of test accuracy on ln(M)" in lines[-1] and "t(1) over 2 distillation seeds (per seed: " in lines[-1]
+    assert "x 2 cells; over the 4 (seed, net) units alone" in lines[-1]
     acc, _ = stats.unit_matrix(pd.read_parquet(dirs[1] / "model_count" / "digits-ipc10-runs.parquet"), ["M=1", "M=2"])
     assert frame["effect"].iloc[0] == pytest.approx(stats.log_slope([1, 2], acc.mean(0)))  # slope of the cell means
     assert "(reused)" in "\n".join(lines)

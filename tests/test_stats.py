@@ -43,7 +43,7 @@ def test_bootstrap_slope_by_hand():
     b = stats.bootstrap_slope(acc, [1, math.e], n_boot=4000, seed=1)
     assert (b.estimate, b.n, b.se) == (pytest.approx(2.0), 2, pytest.approx(1.0, rel=0.05))
     assert (b.low, b.high) == (pytest.approx(2 - 12.7062 * b.se), pytest.approx(2 + 12.7062 * b.se))
-    assert b.detectable == pytest.approx(2.8 * b.se)
+    assert b.detectable == pytest.approx((12.7062 + 1.3764) * b.se, rel=1e-4)  # t_.975(1) + t_.80(1)
     # paired: a unit offset shared by every cell cancels, so the CI collapses onto the slope
     shared = np.array([[10.0, 11.0, 12.0], [-4.0, -3.0, -2.0], [50.0, 51.0, 52.0]])
     p = stats.bootstrap_slope(shared, [1, math.e, math.e ** 2])
@@ -63,6 +63,16 @@ def test_slope_ci_keeps_its_level_on_null_sweeps():
         b = stats.bootstrap_slope(acc, [1, 2, 5, 10], n_boot=500)
         excluded += not b.low <= 0 <= b.high
     assert excluded / 200 <= 0.08
+
+
+def test_across_seeds_by_hand():
+    # per-seed effects (1, 3): mean 2, sd sqrt 2, SE 1, CI 2 ± t(1) = 2 ± 12.706; 80% power needs 14.08 x SE
+    e = stats.across_seeds([1.0, 3.0])
+    assert (e.estimate, e.se, e.n) == (pytest.approx(2.0), pytest.approx(1.0), 2)
+    assert (e.low, e.high) == (pytest.approx(2 - 12.7062, abs=1e-3), pytest.approx(2 + 12.7062, abs=1e-3))
+    assert e.detectable == pytest.approx(14.0826, abs=1e-3) and e.method == "t(1) over 2 distillation seeds"
+    # many degrees of freedom: the normal 2.8 x SE
+    assert stats.across_seeds(np.linspace(0, 1, 2000)).detectable_factor == pytest.approx(2.8, abs=0.01)
 
 
 def test_paired_difference_by_hand():
@@ -125,6 +135,37 @@ def test_step_verdicts_on_synthetic_tables(trend, noise, flat, expected):
     if expected != "unresolved":
         assert out["delta"].iloc[1:].to_numpy() == pytest.approx([trend * math.log(3)] * 3, abs=0.3)
     assert "each row vs the previous: x=3:" in line
+
+
+def seeded_sweep(trend: float, dud: float = 0.0, seeds: int = 4, nets: int = 5, xs=(1, 2, 4, 8), seed: int = 0):
+    """Units s<seed>r<net>; every (seed, cell) distilled set draws its own offset (the noise pairing
+    cannot cancel), and seed 1's sets at x = 1 and 4 are `dud` points low (the M sweep's pattern)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(seeds):
+        for i, x in enumerate(xs):
+            set_offset = rng.normal(0, 0.3) - (dud if s == 1 and i in (0, 2) else 0.0)
+            for r in range(nets):
+                rows.append({"cell": f"x={x}", "unit": f"s{s}r{r}", "seed": s,
+                             "test": 75 + trend * math.log(x) + set_offset + rng.normal(0, 0.2)})
+    table = pd.DataFrame({"cell": [f"x={x}" for x in xs], "x": list(xs), "paper": [None] * len(xs)})
+    return table, pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("trend, dud, seeds, expected", [
+    (1.0, 0.0, 4, "reproduced"), (-1.0, 0.0, 4, "contradicted"),
+    (0.0, 6.0, 2, "unresolved"),  # one seed's dud sets: the networks alone would call it (checked below)
+])
+def test_slope_verdict_takes_the_seed_as_the_replicate(trend, dud, seeds, expected):
+    table, runs = seeded_sweep(trend, dud, seeds)
+    out, line = stats.sweep_effect(table, runs, stats.EffectSpec("log_slope", paper_sign=+1, what="M"))
+    assert out["verdict"].iloc[0] == expected and line.startswith(f"verdict: {expected} — ")
+    assert f"t({seeds - 1}) over {seeds} distillation seeds (per seed: " in line
+    per_seed = stats.log_slope([1, 2, 4, 8], stats.seed_matrix(runs, list(table["cell"])))
+    assert out["effect"].iloc[0] == pytest.approx(per_seed.mean())
+    assert out["effect_per_seed"].iloc[0] == " ".join(f"{v:+.2f}" for v in per_seed)
+    if dud:  # over (seed, net) units the CI excludes 0: the verdict the seeds overturn
+        assert out["effect_nets_ci95_low"].iloc[0] > 0 and out["effect_ci95_low"].iloc[0] < 0
 
 
 def test_unit_matrix_keeps_complete_units_only():
