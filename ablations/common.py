@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import shlex
 import sys
@@ -239,6 +240,7 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
         except KeyboardInterrupt:
             raise Interrupted(resume_advice(str(path), path, False, restarts_on_resume=ledger(path).exists())) from None
         results, trials, dataset, zoo_info = run["results"], run["trials"], run["dataset"], run["zoo_info"]
+        seeds = grid_seeds(name, seeds, trials)
         wall = time.time() - t0 + run["earlier_wall_s"]
         table = aggregate(cells, ids, trials, paper or {}, args.budget, wall)
         runs = unit_runs(cells, ids, trials)
@@ -256,6 +258,16 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
     print(f"tables: {files['md']} {files['parquet']}\nplot: {files['png']}\nwall time: {wall:.1f}s", flush=True)
     return SweepOutput(table, trials, results, cfg, dataset, zoo_info, files, wall,
                        {k: run[k] for k in ("uri", "experiment_id", "parent", "search_id")})
+
+
+def grid_seeds(name: str, asked: list[int], trials) -> list[int]:
+    """The seeds the sweep's Tune grid has: a resumed sweep keeps those it started with (Tune
+    cannot add grid points to a restored run), whatever --seeds says now; say so when they differ."""
+    ran = sorted({int(s) for s in trials["seed"]}) if len(trials) else asked
+    if ran != sorted(asked):
+        print(f"ablations.{name}: this sweep's grid has seeds {ran} (set when it started); --seeds {asked} "
+              "is for a new sweep (adding seeds to a started one is not built yet)", file=sys.stderr, flush=True)
+    return ran
 
 
 def sweep_path(storage: Path, name: str, dataset: str, ipc: int, budget: str) -> Path:
@@ -397,10 +409,20 @@ def _write_ledger(file: Path, sessions: list[dict]) -> None:
 
 
 def session_of(sessions: list[dict], finished: float | None) -> int | None:
-    """The invocation during which a trial sent its last report (the latest started before it)."""
+    """The invocation during which a trial sent its last report. Tune stamps it in whole seconds
+    (the report came at t in [finished, finished + 1)), so an invocation started less than a second
+    after the previous one ended could also match: the earliest invocation whose span holds t
+    wins. A span ends at started + wall_s, or where the next invocation starts when the ledger has
+    no wall_s (an invocation killed before its `finally`, or one from before `end_session`)."""
     if finished is None or finished != finished:
         return None
-    started = [s["session"] for s in sessions if s["started"] <= float(finished) + 1]  # Tune's stamp is whole seconds
+    t = float(finished)
+    for i, s in enumerate(sessions):
+        nxt = sessions[i + 1]["started"] if i + 1 < len(sessions) else math.inf
+        end = s["started"] + float(s["wall_s"]) if "wall_s" in s else nxt
+        if s["started"] < t + 1 and t <= end:
+            return s["session"]
+    started = [s["session"] for s in sessions if s["started"] < t + 1]
     return max(started) if started else sessions[0]["session"]
 
 

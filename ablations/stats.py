@@ -179,7 +179,7 @@ def sweep_effect(table, runs, spec: EffectSpec, n_boot: int = N_BOOT, seed: int 
     if spec.kind == "log_slope":
         xs = [float(first.at[c, "x"]) for c in labels]
         nets = bootstrap_slope(acc, xs, n_boot, seed)
-        per_seed = log_slope(xs, seeds) if len(seeds) else np.empty(0)
+        per_seed = log_slope(xs, seeds) if len(seeds) and len(set(xs)) > 1 else np.empty(0)
         effect = across_seeds(per_seed) if by_seed else nets
         sign = spec.paper_sign
     elif spec.kind == "steps":

@@ -275,11 +275,15 @@ def test_speech_smoke(dirs):
 
 
 @pytest.mark.slow
-def test_resume_finished_sweep_reruns_nothing(dirs, components_run):
+def test_resume_finished_sweep_reruns_nothing(dirs, components_run, capsys):
     before = components_run
-    assert sweep(components, dirs, *PAIRED, "--resume") == 0
+    capsys.readouterr()
+    # --seeds differs from the started grid: the sweep keeps its seeds, says so, and the table agrees
+    assert sweep(components, dirs, "--seeds", "3", "--set", "eval.runs=2", "--resume") == 0
+    assert "this sweep's grid has seeds [0, 1] (set when it started); --seeds [0, 1, 2]" in capsys.readouterr().err
     after = table(dirs, "components", "digits-ipc10")
     assert after["test_mean"].tolist() == before["test_mean"].tolist()
+    assert after["seeds"].iloc[0] == "0,1"
     assert after["session"].tolist() == ["1"] * 4  # every cell still credited to the first invocation
     ledger = json.loads((dirs[0] / "components-digits-ipc10-smoke.sessions.json").read_text())
     assert [s["session"] for s in ledger] == [1, 2] and "--resume" in ledger[1]["command"]
@@ -304,3 +308,14 @@ def test_ledger_keeps_the_wall_time_of_an_interrupted_invocation(tmp_path, monke
     assert [s["command"] for s in ledger] == ["first", "second"]
     assert all(isinstance(s["wall_s"], float) and s["wall_s"] >= 0 for s in ledger)
     assert seen == [ledger[0]["wall_s"]]
+
+
+def test_session_of_credits_the_invocation_that_ran_the_trial():
+    # measured: the first invocation ended 0.46 s before the resume started, and Tune stamped the
+    # last trial's report 518 (whole seconds): it belongs to the first, not to the resume
+    ledger = [{"session": 1, "started": 469.94, "wall_s": 48.25}, {"session": 2, "started": 518.65, "wall_s": 0.27}]
+    assert [common.session_of(ledger, t) for t in (470, 507, 518)] == [1, 1, 1]
+    assert common.session_of(ledger, None) is None
+    # spans without wall_s end where the next invocation starts; a later trial goes to the later one
+    old = [{"session": 1, "started": 100.0}, {"session": 2, "started": 200.0}, {"session": 3, "started": 300.0}]
+    assert [common.session_of(old, t) for t in (150, 250, 900)] == [1, 2, 3]
