@@ -125,17 +125,18 @@ def bootstrap_slope(acc: np.ndarray, x: Sequence[float], n_boot: int = N_BOOT, s
 
 def paired_difference(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Effect:
     """mean(b - a) over paired units with a t-based CI."""
-    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    s = mean_ci(d, level)
-    se = s["sd"] / math.sqrt(s["n"]) if s["n"] > 1 else math.nan
-    return Effect(s["mean"], s["ci95_low"], s["ci95_high"], se, s["n"], "paired t")
+    return _t_effect(np.asarray(b, dtype=float) - np.asarray(a, dtype=float), lambda n: "paired t", level)
 
 
 def across_seeds(per_seed: Sequence[float], level: float = LEVEL) -> Effect:
     """The mean of per-seed effects with a t-based CI: the distillation seed as the replicate."""
-    s = mean_ci(per_seed, level)
+    return _t_effect(per_seed, lambda n: f"t({n - 1}) over {n} distillation seeds", level)
+
+
+def _t_effect(values: Sequence[float], method, level: float) -> Effect:
+    s = mean_ci(values, level)
     se = s["sd"] / math.sqrt(s["n"]) if s["n"] > 1 else math.nan
-    return Effect(s["mean"], s["ci95_low"], s["ci95_high"], se, s["n"], f"t({s['n'] - 1}) over {s['n']} distillation seeds")
+    return Effect(s["mean"], s["ci95_low"], s["ci95_high"], se, s["n"], method(s["n"]))
 
 
 def verdict(effect: Effect, paper_sign: int) -> str:
