@@ -20,8 +20,8 @@ import copy
 import sys
 from pathlib import Path
 
-from ablations.common import (Cell, build_parser, cli, common_overrides, for_each_ipc, parse_ints, ray_session,
-                              run_sweep, sweep_configs, sweep_path)
+from ablations.common import (Cell, build_parser, cli, common_overrides, for_each_ipc, parse_ints, parse_seeds,
+                              ray_session, run_sweep, sweep_configs, sweep_path)
 from ablations.stats import EffectSpec
 from dsdm.errors import DsdmError
 from tune.search import check_storage
@@ -48,6 +48,19 @@ def comparison_cells(lambda1: float, lambda2: float) -> list[Cell]:
     return [Cell("paper defaults (λ1=50, λ2=0.2)", dict(DEFAULTS), group=group),
             Cell(f"search best (λ1={lambda1:.4g}, λ2={lambda2:.4g})",
                  {"distill.lambda1": float(lambda1), "distill.lambda2": float(lambda2)}, group=group)]
+
+
+def comparison_seeds(asked: list[int], search_seed: int) -> list[int]:
+    """The comparison's distillation seeds: as many as --seeds asks, never the search's own. Every
+    search trial was distilled (and evaluated) with `search_seed`, so the best trial's λ re-run with
+    that seed rebuilds the very set that won on validation, and its luck would enter the test."""
+    out = [s for s in asked if s != search_seed]
+    candidate = max(asked) + 1
+    while len(out) < len(asked):
+        if candidate != search_seed:
+            out.append(candidate)
+        candidate += 1
+    return out
 
 
 # --- --search N -------------------------------------------------------------------------------------
@@ -98,6 +111,7 @@ def search_and_compare(args: argparse.Namespace, ipc: int):
     zoo = {"zoo.num_models": str(base.zoo.num_models), "zoo.snapshots": ",".join(map(str, base.zoo.snapshots))}
     storage = check_storage(args.storage)
     name = f"lambda_optuna-{base.data.dataset}-ipc{ipc}-{args.budget}"  # Optuna trials; the comparison: lambda_search-*
+    seeds = comparison_seeds(parse_seeds(args.seeds), args.search_seed)
     table = run_search(args, ipc, search_argv(args, ipc, name, fix, zoo), storage / name)
     done = table[table["status"] == "DONE"].sort_values("val_acc", ascending=False)
     if done.empty:
@@ -107,8 +121,10 @@ def search_and_compare(args: argparse.Namespace, ipc: int):
     notes = [f"λ chosen by {len(done)} Optuna TPE trials (sampler seed {args.search_seed}) over λ1 / λ2 at M = "
              f"{fix['M']}, E = {fix['E']}, ranked by validation accuracy (search table: "
              f"`{storage / name / 'trials.md'}`); best trial {best['trial_id']}: val {best['val_acc']:.2f}. "
-             "Both cells below are then re-run with the same seeds (paired); the verdict uses the test split."]
+             f"Both cells below are then run with the same seeds {seeds} (paired; not the search's seed "
+             f"{args.search_seed}, which would rebuild the winning set); the verdict uses the test split."]
     sweep_args = copy.copy(args)
+    sweep_args.seeds = seeds
     sweep_args.resume = args.resume and sweep_path(storage, "lambda_search", base.data.dataset, ipc,
                                                    args.budget).exists()
     with ray_session(sweep_args):
