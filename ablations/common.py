@@ -108,7 +108,9 @@ def parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str | list[int]) -> list[int]:
+    if isinstance(text, list):  # already parsed (a caller that chose the seeds itself)
+        return text
     values = parse_ints(text, "--seeds")
     return list(range(values[0])) if len(values) == 1 and "," not in str(text) else values
 
@@ -261,12 +263,12 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
 
 
 def grid_seeds(name: str, asked: list[int], trials) -> list[int]:
-    """The seeds the sweep's Tune grid has: a resumed sweep keeps those it started with (Tune
-    cannot add grid points to a restored run), whatever --seeds says now; say so when they differ."""
+    """The seeds the sweep ran: a resume adds the seeds --seeds names (sweep_parts) but never drops
+    one, so the table may hold more than asked; say so when it does."""
     ran = sorted({int(s) for s in trials["seed"]}) if len(trials) else asked
-    if ran != sorted(asked):
-        print(f"ablations.{name}: this sweep's grid has seeds {ran} (set when it started); --seeds {asked} "
-              "is for a new sweep (adding seeds to a started one is not built yet)", file=sys.stderr, flush=True)
+    if set(ran) - set(asked):
+        print(f"ablations.{name}: this sweep has seeds {ran}; --seeds {asked} adds seeds to a started sweep "
+              "but never drops any", file=sys.stderr, flush=True)
     return ran
 
 
@@ -286,19 +288,48 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
     if path.exists() and not args.resume:
         raise DsdmError(f"'{path}' already holds this sweep; pass --resume to continue (or finish) it, "
                         "or another --storage")
-    restore = args.resume and tune.Tuner.can_restore(str(path))
-    if args.resume and not restore and not ledger(path).exists():  # a ledger: started, stopped before Tune saved
-        raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
+    if args.resume and not tune.Tuner.can_restore(str(path)) and not ledger(path).exists():
+        raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")  # a ledger: started, stopped before Tune saved
     started = time.time()
     sessions = start_session(path, args.resume, getattr(args, "command", ""))
     try:
-        return _run_cells(name, args, cfg, path, cells, seeds, proxy, restore, sessions)
+        return _run_cells(name, args, cfg, path, cells, sweep_parts(path, seeds, args.resume), proxy, sessions)
     finally:  # interrupted or not, this invocation's wall time (zoo included) joins the ledger
         end_session(path, sessions, time.time() - started)
 
 
-def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seeds: list[int],
-               proxy: tuple[int, int], restore: bool, sessions: list[dict]):
+def parts_file(path: Path) -> Path:
+    return path.parent / f"{path.name}.parts.json"
+
+
+def sweep_parts(path: Path, seeds: list[int], resume: bool) -> list[dict]:
+    """The sweep's Tune runs ("parts"), each every cell x its seeds. Tune cannot add grid points
+    to a restored run, so a resume whose --seeds names seeds the sweep lacks adds a part for those
+    (Tune folder `<sweep>.seeds<a>-<b>`) and the finished ones are kept, not re-run. Listed in
+    `<sweep>.parts.json`, written before a part starts; a resume never drops seeds."""
+    from ray import tune
+
+    file = parts_file(path)
+    parts: list[dict] = []
+    if resume and file.is_file():
+        parts = json.loads(file.read_text())
+    elif resume and tune.Tuner.can_restore(str(path)):  # a sweep from before parts were listed: one Tune run
+        ran = sorted({int(t.config["seed"]) for t in tune.ExperimentAnalysis(str(path)).trials})
+        parts = [{"folder": path.name, "seeds": ran}]
+    have = {s for part in parts for s in part["seeds"]}
+    new = [s for s in seeds if s not in have]
+    if new:
+        folder = f"{path.name}.seeds{'-'.join(map(str, new))}" if parts else path.name
+        parts.append({"folder": folder, "seeds": new})
+    if new or not file.is_file():
+        tmp = file.with_name(f".{file.name}.tmp")
+        tmp.write_text(json.dumps(parts, indent=1))
+        tmp.replace(file)
+    return parts
+
+
+def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], parts: list[dict],
+               proxy: tuple[int, int], sessions: list[dict]):
     import ray
     from ray import tune
 
@@ -306,6 +337,7 @@ def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seed
     from tune import tracking
     from tune.zoo import load_or_train_zoo_on_pool, put_dataset
 
+    seeds = sorted({s for part in parts for s in part["seeds"]})
     dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction, cfg.data.seed)
     paper_on_cpu_note(args.budget, args.trial_gpus, len(cells) * len(seeds), prog=f"ablations.{name}")
     storage = path.parent
@@ -315,8 +347,10 @@ def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seed
     experiment_id = tracking.ensure_experiment(uri, tracking.experiment_name(dataset.name, cfg.distill.ipc),
                                                storage / "mlartifacts")
     parent = tracking.search_run(uri, experiment_id, str(path), name=path.name, tags={"dsdm.sweep": name})
-    tracking.log_params(uri, parent, {**cfg.plain(), "sweep.name": name, "sweep.seeds": json.dumps(seeds),
-                                      "sweep.cells": json.dumps(cells, default=str)[:6000]})
+    tracking.log_params(uri, parent, {**cfg.plain(), "sweep.name": name, "sweep.seeds": json.dumps(parts[0]["seeds"]),
+                                      "sweep.cells": json.dumps(cells, default=str)[:6000],
+                                      **{f"sweep.part{i}.seeds": json.dumps(part["seeds"])  # seeds added by a resume
+                                         for i, part in enumerate(parts[1:], 2)}})
     try:  # from the zoo to Tune's end: an interrupt or error ends the sweep's open runs KILLED / FAILED
         data_ref = put_dataset(dataset)
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -331,20 +365,11 @@ def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seed
             tune.with_parameters(run_cell, cells=cells, base=cfg.plain(), data=[data_ref], zoo=zoo_refs,
                                  options=options),
             {"cpu": args.trial_cpus, "gpu": args.trial_gpus})
-        if restore:
-            tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space={"cell": tune.grid_search(list(cells)), "seed": tune.grid_search(seeds)},
-                # reuse_actors: a trial's process (torch, MLflow imported) serves the next cell
-                tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
-                run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-        with STOP.fit():
-            results = tuner.fit()
-        if STOP.signal is not None:
-            raise KeyboardInterrupt  # Tune saved its state; finished cells stay finished
+        results = []
+        for part in parts:  # in order: a resume finishes the earlier parts' trials first
+            results += list(_fit_part(trainable, storage, part, cells, args))
+            if STOP.signal is not None:
+                raise KeyboardInterrupt  # Tune saved its state; finished cells stay finished
     except BaseException as exc:
         tracking.close_open_runs(uri, experiment_id, str(path), "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
@@ -352,10 +377,35 @@ def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], seed
     trials = with_runs(trial_table(results, ["cell", "seed"]), results)
     trials["session"] = [session_of(sessions, t) if s == "DONE" else None
                          for t, s in zip(trials["finished"], trials["status"])]
+    trials["part"] = [part_of(parts, seed) for seed in trials["seed"]]
     write_tables(trials, path)  # per-trial table next to the Tune run, as tune.search does
     return {"results": results, "trials": trials, "dataset": dataset, "zoo_info": zoo_info,
             "uri": uri, "parent": parent, "experiment_id": experiment_id, "search_id": str(path),
             "earlier_wall_s": earlier_wall(sessions)}
+
+
+def _fit_part(trainable, storage: Path, part: dict, cells: dict[str, dict], args: argparse.Namespace):
+    """One part's Tune run: on --resume restored where Tune saved it, else started over its cells x seeds."""
+    from ray import tune
+
+    folder = storage / part["folder"]
+    if args.resume and tune.Tuner.can_restore(str(folder)):
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={"cell": tune.grid_search(list(cells)), "seed": tune.grid_search(part["seeds"])},
+            # reuse_actors: a trial's process (torch, MLflow imported) serves the next cell
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
+            run_config=tune.RunConfig(name=folder.name, storage_path=str(storage), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    with STOP.fit():
+        return tuner.fit()
+
+
+def part_of(parts: list[dict], seed) -> str:
+    """The Tune folder that ran a seed's trials."""
+    return next((p["folder"] for p in parts if int(seed) in p["seeds"]), "")
 
 
 def with_runs(trials, results):

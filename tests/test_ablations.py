@@ -278,9 +278,10 @@ def test_speech_smoke(dirs):
 def test_resume_finished_sweep_reruns_nothing(dirs, components_run, capsys):
     before = components_run
     capsys.readouterr()
-    # --seeds differs from the started grid: the sweep keeps its seeds, says so, and the table agrees
-    assert sweep(components, dirs, "--seeds", "3", "--set", "eval.runs=2", "--resume") == 0
-    assert "this sweep's grid has seeds [0, 1] (set when it started); --seeds [0, 1, 2]" in capsys.readouterr().err
+    # --seeds asks fewer than the sweep ran: a resume never drops seeds, says so, and the table agrees
+    assert sweep(components, dirs, "--seeds", "1", "--set", "eval.runs=2", "--resume") == 0
+    assert "this sweep has seeds [0, 1]; --seeds [0] adds seeds to a started sweep but never drops any" in \
+        capsys.readouterr().err
     after = table(dirs, "components", "digits-ipc10")
     assert after["test_mean"].tolist() == before["test_mean"].tolist()
     assert after["seeds"].iloc[0] == "0,1"
@@ -288,6 +289,40 @@ def test_resume_finished_sweep_reruns_nothing(dirs, components_run, capsys):
     ledger = json.loads((dirs[0] / "components-digits-ipc10-smoke.sessions.json").read_text())
     assert [s["session"] for s in ledger] == [1, 2] and "--resume" in ledger[1]["command"]
     assert sweep(components, dirs, *PAIRED) == 2  # without --resume: one line naming the fix
+
+
+@pytest.mark.slow
+def test_resume_with_more_seeds_adds_them_and_keeps_the_finished(dirs):
+    """--resume --seeds N on a started sweep runs only the new seeds (a second Tune run, its own
+    folder) and the table, runs and MLflow hold every seed once. IPC 3: a sweep no other test reads."""
+    one = ["--ipc", "3", "--set", "eval.runs=2"]
+    assert sweep(model_count, dirs, *one, "--seeds", "1") == 0
+    before = pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet")
+    assert sweep(model_count, dirs, *one, "--seeds", "2", "--resume") == 0
+    frame = table(dirs, "model_count", "digits-ipc3")
+    runs = pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet")
+    assert frame["seeds"].iloc[0] == "0,1" and (frame["n"] == 4).all() and frame["session"].tolist() == ["1,2"] * 2
+    kept = runs[runs["seed"] == 0].reset_index(drop=True)
+    assert kept[["cell", "unit", "test", "trial_id"]].equals(before[["cell", "unit", "test", "trial_id"]])  # not re-run
+    parts = json.loads((dirs[0] / "model_count-digits-ipc3-smoke.parts.json").read_text())
+    assert parts == [{"folder": "model_count-digits-ipc3-smoke", "seeds": [0]},
+                     {"folder": "model_count-digits-ipc3-smoke.seeds1", "seeds": [1]}]
+    trials = pd.read_parquet(dirs[0] / "model_count-digits-ipc3-smoke" / "trials.parquet")
+    assert sorted(zip(trials["seed"], trials["part"])) == [(0, parts[0]["folder"])] * 2 + [(1, parts[1]["folder"])] * 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{dirs[0] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dsdm-digits-ipc3")
+    every = client.search_runs([exp.experiment_id])
+    parent = [r for r in every if r.data.tags.get("dsdm.sweep") == "model_count"]
+    children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and parent[0].data.params["sweep.part2.seeds"] == "[1]"
+    assert sorted(r.data.params["distill.seed"] for r in children) == ["0", "0", "1", "1"]
+    assert {r.info.status for r in [*parent, *children]} == {"FINISHED"}
+    # resumed again with the seeds it has: nothing runs, nothing changes
+    assert sweep(model_count, dirs, *one, "--seeds", "2", "--resume") == 0
+    assert pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet").equals(runs)
+    assert len(client.search_runs([exp.experiment_id])) == len(every)
 
 
 def test_ledger_keeps_the_wall_time_of_an_interrupted_invocation(tmp_path, monkeypatch):
