@@ -7,7 +7,9 @@ numbers; `run_sweep` does the rest with `tune/`'s machinery (no second pipeline)
      `tune.search`; trained once by the actor pool under `--storage/zoos/`, or reused;
   2. the cells x seeds run as one Tune grid search over `run_cell` (which is
      `tune.trainable.run_trial` with the cell's overrides), recorded in MLflow under the
-     experiment `dsdm-<dataset>-ipc<N>` and a parent run named after the sweep;
+     experiment `dsdm-<dataset>-ipc<N>` and a parent run named after the sweep; seeds added
+     by a later `--resume --seeds N` run as a second grid (sweep_parts); a trial another sweep
+     already finished with the same config and seed is copied, not re-run (unless --fresh);
   3. per cell: mean, sd and 95% CI of the ConvNet-3 test accuracy over seeds x evaluation
      runs, the validation accuracy, the paper's value, which invocation finished it, and
      (when the sweep names one) the sweep's effect and verdict (ablations/stats.py), written
@@ -95,6 +97,9 @@ def build_parser(prog: str, doc: str, dataset: str = "digits", ipc: str = "10") 
     p.add_argument("--mlflow-uri", help="tracking server URL (default: sqlite file under --storage)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, every cell")
+    p.add_argument("--fresh", action="store_true",
+                   help="compute every trial, even one whose identical config and seed another sweep under --storage "
+                        "already finished (by default its results are copied, and the table says from where)")
     return p
 
 
@@ -360,7 +365,9 @@ def _run_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], part
         (storage / f"{path.name}.zoo.json").write_text(json.dumps(zoo_info, indent=1))
         options = {"mlflow_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "search_id": str(path),
                    "threads": args.trial_cpus, "gpus": args.trial_gpus, "proxy_every": proxy[0],
-                   "proxy_epochs": proxy[1]}
+                   "proxy_epochs": proxy[1],
+                   # a copied trial has no iteration history: sweeps that plot it (proxy curves) compute every trial
+                   "reuse": not getattr(args, "fresh", False) and not proxy[0]}
         trainable = tune.with_resources(
             tune.with_parameters(run_cell, cells=cells, base=cfg.plain(), data=[data_ref], zoo=zoo_refs,
                                  options=options),
@@ -505,15 +512,23 @@ def aggregate(cells: list[Cell], ids: dict[str, str], trials, paper: dict[str, f
         done = trials[(trials["cell"] == ids[cell.key]) & (trials["status"] == "DONE")]
         tests = [a for runs in done["test_runs"] for a in runs]
         sessions = sorted({int(s) for s in done.get("session", []) if s is not None and s == s})
+        ran = done[done["reused_from"] == ""] if "reused_from" in done else done  # this sweep's compute only
         rows.append({"group": cell.group, "cell": cell.label, "x": cell.x, "xscale": cell.xscale,
                      **mean_ci(tests), **summary(tests, "test"), **summary(list(done["val_acc"]), "val"),
-                     "session": ",".join(map(str, sessions)),
+                     "session": ",".join(map(str, sessions)), "reused": reused(done),
                      "paper": paper.get(cell.label), "trials": len(done),
                      "failed": int((trials["cell"] == ids[cell.key]).sum() - len(done)),
-                     "trial_s": float(done["seconds"].sum()), "distill_s": _total(done, "distill_s"),
-                     "eval_s": _total(done, "eval_s"), "budget": budget, "wall_s": wall,
+                     "trial_s": float(ran["seconds"].sum()), "distill_s": _total(ran, "distill_s"),
+                     "eval_s": _total(ran, "eval_s"), "budget": budget, "wall_s": wall,
                      "overrides": json.dumps(cell.overrides, default=str)})
     return pd.DataFrame(rows)
+
+
+def reused(done) -> str:
+    """'s<seed> <- <sweep>/<trial>' for a cell's trials copied from an identical finished one."""
+    if "reused_from" not in done:
+        return ""
+    return "; ".join(f"s{int(seed)} ← {src}" for seed, src in sorted(zip(done["seed"], done["reused_from"])) if src)
 
 
 def _total(done, column: str) -> float:

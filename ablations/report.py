@@ -86,6 +86,8 @@ def display_table(table, meta: dict):
         out["failed trials"] = table["failed"]
     if "session" in table:  # which invocation (1 = the first, 2 = the first --resume, ...) finished the cell
         out["session"] = table["session"]
+    if "reused" in table and (table["reused"] != "").any():  # trials copied from another sweep's identical one
+        out["reused (seed ← sweep/trial)"] = table["reused"]
     return out
 
 
@@ -96,6 +98,10 @@ def markdown(table, meta: dict) -> str:
              f"95% CI of the mean; {protocol_line(meta['cfg'])}. Seed s is every cell's distillation and evaluation "
              "seed (paired). val = the same nets on the held-out validation split (± over seeds); session = the "
              "invocation that finished the cell (2 and up: --resume).", *meta.get("notes", [])]
+    if "reused" in table and (table["reused"] != "").any():
+        lines.append("reused = trials whose exact config and seed another sweep under the same storage had already "
+                     "finished on the same compute: their results were copied (a trial is bit-deterministic), not "
+                     "re-run (their time is not in this table's); `--fresh` computes them.")
     if meta.get("command"):
         lines.append(f"Command: `{meta['command']}`")
     text = "\n".join(lines) + "\n\n" + display_table(table, meta).to_markdown(index=False) + "\n"

@@ -226,7 +226,8 @@ def test_lambdas_smoke(dirs):
 @pytest.mark.slow
 def test_methods_smoke_two_ipcs_and_mlflow(dirs):
     names = list(methods.METHODS)
-    assert sweep(methods, dirs, "--ipc", "1,2", "--methods", ",".join(names)) == 0
+    # --fresh: the phase times below are this sweep's own (a cell copied from another sweep has none)
+    assert sweep(methods, dirs, "--ipc", "1,2", "--methods", ",".join(names), "--fresh") == 0
     for ipc in (1, 2):
         frame = table(dirs, "methods", f"digits-ipc{ipc}")
         assert_every_cell(frame, methods.cells(names))
@@ -291,16 +292,24 @@ def test_resume_finished_sweep_reruns_nothing(dirs, components_run, capsys):
     assert sweep(components, dirs, *PAIRED) == 2  # without --resume: one line naming the fix
 
 
-@pytest.mark.slow
-def test_resume_with_more_seeds_adds_them_and_keeps_the_finished(dirs):
-    """--resume --seeds N on a started sweep runs only the new seeds (a second Tune run, its own
-    folder) and the table, runs and MLflow hold every seed once. IPC 3: a sweep no other test reads."""
-    one = ["--ipc", "3", "--set", "eval.runs=2"]
-    assert sweep(model_count, dirs, *one, "--seeds", "1") == 0
+IPC3 = ["--ipc", "3", "--set", "eval.runs=2"]  # sweeps no other test reads
+
+
+@pytest.fixture(scope="module")
+def seeds_added(dirs):
+    """model_count at IPC 3 started with seed 0, then resumed with --seeds 2: (runs before, runs after)."""
+    assert sweep(model_count, dirs, *IPC3, "--seeds", "1") == 0
     before = pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet")
-    assert sweep(model_count, dirs, *one, "--seeds", "2", "--resume") == 0
+    assert sweep(model_count, dirs, *IPC3, "--seeds", "2", "--resume") == 0
+    return before, pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet")
+
+
+@pytest.mark.slow
+def test_resume_with_more_seeds_adds_them_and_keeps_the_finished(dirs, seeds_added):
+    """--resume --seeds N on a started sweep runs only the new seeds (a second Tune run, its own
+    folder) and the table, runs and MLflow hold every seed once."""
+    before, runs = seeds_added
     frame = table(dirs, "model_count", "digits-ipc3")
-    runs = pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet")
     assert frame["seeds"].iloc[0] == "0,1" and (frame["n"] == 4).all() and frame["session"].tolist() == ["1,2"] * 2
     kept = runs[runs["seed"] == 0].reset_index(drop=True)
     assert kept[["cell", "unit", "test", "trial_id"]].equals(before[["cell", "unit", "test", "trial_id"]])  # not re-run
@@ -309,20 +318,60 @@ def test_resume_with_more_seeds_adds_them_and_keeps_the_finished(dirs):
                      {"folder": "model_count-digits-ipc3-smoke.seeds1", "seeds": [1]}]
     trials = pd.read_parquet(dirs[0] / "model_count-digits-ipc3-smoke" / "trials.parquet")
     assert sorted(zip(trials["seed"], trials["part"])) == [(0, parts[0]["folder"])] * 2 + [(1, parts[1]["folder"])] * 2
+    client, exp = mlflow_experiment(dirs, "dsdm-digits-ipc3")
+    parent, children = sweep_runs(client, exp, "model_count")
+    assert parent.data.params["sweep.part2.seeds"] == "[1]"
+    assert sorted(r.data.params["distill.seed"] for r in children) == ["0", "0", "1", "1"]
+    assert {r.info.status for r in [parent, *children]} == {"FINISHED"}
+    # resumed again with the seeds it has: nothing runs, nothing changes
+    every = len(client.search_runs([exp]))
+    assert sweep(model_count, dirs, *IPC3, "--seeds", "2", "--resume") == 0
+    assert pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet").equals(runs)
+    assert len(client.search_runs([exp])) == every
+
+
+@pytest.mark.slow
+def test_a_cell_another_sweep_finished_is_copied_and_equals_a_fresh_run(dirs, seeds_added):
+    """E sweep's only smoke cell (E=1, M=2) is the M sweep's M=2 cell: its trials are copied from
+    MLflow (tagged, said in the table), and a `--fresh` run of the same config computes the same bits."""
+    _, m_runs = seeds_added
+    m2 = m_runs[m_runs["cell"] == "M=2"].set_index("unit")["test"]
+    assert sweep(pretrain_epochs, dirs, *IPC3, "--seeds", "2") == 0
+    frame = table(dirs, "pretrain_epochs", "digits-ipc3")
+    e_runs = pd.read_parquet(dirs[1] / "pretrain_epochs" / "digits-ipc3-runs.parquet").set_index("unit")["test"]
+    assert e_runs.sort_index().tolist() == m2.sort_index().tolist()
+    assert frame["reused"].iloc[0].startswith("s0 ← model_count-digits-ipc3-smoke/")
+    assert "reused = trials whose exact config and seed" in (dirs[1] / "pretrain_epochs" / "digits-ipc3.md").read_text()
+    client, exp = mlflow_experiment(dirs, "dsdm-digits-ipc3")
+    _, m_children = sweep_runs(client, exp, "model_count")
+    _, e_children = sweep_runs(client, exp, "pretrain_epochs")
+    sources = {r.info.run_id: r for r in m_children}
+    for run in e_children:
+        source = sources[run.data.tags["dsdm.reused_from"]]
+        assert run.data.params == source.data.params and run.info.status == "FINISHED"
+        # the final metrics (not the distillation's per-iteration history, which stays with the source)
+        assert run.data.metrics.items() <= source.data.metrics.items() and "acc_run1/convnet3" in run.data.metrics
+    # the λ grid's (50, 0.2) is the same config again; --fresh computes it: bit-equal to the copy
+    assert sweep(lambdas, dirs, *IPC3, "--seeds", "1", "--fresh") == 0
+    fresh = pd.read_parquet(dirs[1] / "lambdas" / "digits-ipc3-runs.parquet")
+    shared = fresh[fresh["cell"] == "λ1=50, λ2=0.2"].set_index("unit")["test"]
+    assert shared.tolist() == m2[shared.index].tolist()
+    assert (table(dirs, "lambdas", "digits-ipc3")["reused"] == "").all()
+
+
+def mlflow_experiment(dirs, name: str):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{dirs[0] / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("dsdm-digits-ipc3")
-    every = client.search_runs([exp.experiment_id])
-    parent = [r for r in every if r.data.tags.get("dsdm.sweep") == "model_count"]
-    children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert len(parent) == 1 and parent[0].data.params["sweep.part2.seeds"] == "[1]"
-    assert sorted(r.data.params["distill.seed"] for r in children) == ["0", "0", "1", "1"]
-    assert {r.info.status for r in [*parent, *children]} == {"FINISHED"}
-    # resumed again with the seeds it has: nothing runs, nothing changes
-    assert sweep(model_count, dirs, *one, "--seeds", "2", "--resume") == 0
-    assert pd.read_parquet(dirs[1] / "model_count" / "digits-ipc3-runs.parquet").equals(runs)
-    assert len(client.search_runs([exp.experiment_id])) == len(every)
+    return client, client.get_experiment_by_name(name).experiment_id
+
+
+def sweep_runs(client, experiment_id: str, name: str):
+    """(the sweep's parent run, its trial runs)."""
+    every = client.search_runs([experiment_id])
+    parents = [r for r in every if r.data.tags.get("dsdm.sweep") == name]
+    assert len(parents) == 1
+    return parents[0], [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 
 
 def test_ledger_keeps_the_wall_time_of_an_interrupted_invocation(tmp_path, monkeypatch):

@@ -383,3 +383,36 @@ def test_cross_arch_sweep_logs_into_its_own_trial_run(tmp_path):
     client = tracking._client(uri)
     assert client.get_run(runs["sweep-a"][1]).data.metrics["acc_mean/resnet10"] == 40.0
     assert "acc_mean/resnet10" not in client.get_run(runs["sweep-b"][1]).data.metrics
+
+
+def test_finished_twin_is_another_searchs_finished_trial_with_the_same_config_and_compute(tmp_path):
+    """The reuse rule (tune.tracking.finished_twin): same params exactly, another search, FINISHED with
+    the final marker, same compute (or none recorded); the earliest wins."""
+    from tune import tracking
+
+    uri = tracking.default_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "dsdm-digits-ipc1", tmp_path / "art")
+    params = {"distill.seed": 1, "distill.lambda1": 50.0, "eval.runs": 5}
+
+    def trial(search, trial_id, p=params, status="FINISHED", final=True, compute="cpu x1"):
+        run, _ = tracking.trial_run(uri, exp, search, trial_id, parent="p")
+        tracking.log_params(uri, run, p)
+        if compute:
+            tracking.set_tags(uri, run, {tracking.COMPUTE_TAG: compute})
+        if final:
+            tracking.log_final(uri, run, {"val_acc": 70.0}, step=10)
+        tracking.finish(uri, run, status)
+        return run
+
+    trial("mine", "t0")  # this search's own trial: never its twin
+    trial("other", "t1", {**params, "distill.lambda1": 49.0})  # another config
+    trial("other", "t2", {**params, "distill.seed": 2})  # another seed
+    trial("other", "t3", status="KILLED")
+    trial("other", "t4", final=False)
+    trial("other", "t5", compute="cuda x1")
+    assert tracking.finished_twin(uri, exp, params, "cpu x1", "mine") is None
+    first = trial("other", "t6", compute=None)  # from before the compute tag: any compute
+    trial("third", "t7")
+    twin = tracking.finished_twin(uri, exp, params, "cpu x1", "mine")
+    assert twin.info.run_id == first and json.loads(twin.data.tags[tracking.FINAL_TAG]) == {"val_acc": 70.0}
+    assert tracking.finished_twin(uri, exp, params, "cuda x1", "mine").data.tags[tracking.TRIAL_TAG] == "t5"

@@ -497,7 +497,7 @@ def trial_table(results, space_keys: list[str]):
                     "iteration": m.get("iteration"), "seconds": m.get("time_total_s"),
                     "distill_s": m.get("distill_seconds"), "eval_s": m.get("eval_seconds"),
                     "resumed_from": m.get("resumed_from"), "zoo_pretrain_calls": m.get("zoo_pretrain_calls"),
-                    "node": (m.get("node") or "")[:12],
+                    "node": (m.get("node") or "")[:12], "reused_from": m.get("reused_from") or "",
                     "status": "ERROR" if r.error else ("DONE" if "test_acc" in m else "STOPPED"),
                     "set_path": str(Path(r.checkpoint.path) / "distilled.pt") if (r.checkpoint and "test_acc" in m) else ""})
         rows.append(row)

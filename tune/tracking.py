@@ -22,6 +22,8 @@ SEARCH_TAG = "dsdm.search_id"
 TRIAL_TAG = "dsdm.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting in the UI
 FINAL_TAG = "dsdm.final"  # JSON of a trial's final metrics, written in the same batch as them
+REUSED_TAG = "dsdm.reused_from"  # run id of the identical finished trial whose results a trial copied
+COMPUTE_TAG = "dsdm.compute"  # where a trial ran ("cpu x1"): identical configs give identical bits only there
 XARCH = "xarch/"  # prefix of the cross-architecture evaluation's keys (the trial's own are unprefixed)
 # MLflow 3 opens an experiment by its kind; untagged ones may open on the GenAI "Traces" page
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -121,6 +123,25 @@ def trial_run(uri: str, experiment_id: str, search_id: str, trial_id: str, paren
     if final is None:
         reopen(uri, run)
     return run.info.run_id, (json.loads(final) if final else None)
+
+
+def finished_twin(uri: str, experiment_id: str, params: dict[str, Any], compute: str, search_id: str):
+    """The earliest finished trial of ANOTHER search with exactly these params (the whole config,
+    seeds included) that ran on the same compute, or None. A trial is bit-deterministic given its
+    config, the zoo (whose config is in the params) and the compute, so the twin's results are the
+    ones this trial would compute. Runs from before COMPUTE_TAG existed count as any compute."""
+    wanted = {k: str(v) for k, v in params.items()}
+    where = f"params.`distill.seed` = '{wanted.get('distill.seed')}' and attributes.status = 'FINISHED'"
+    runs = [r for r in _client(uri).search_runs([experiment_id], filter_string=where)
+            if FINAL_TAG in r.data.tags and TRIAL_TAG in r.data.tags and r.data.tags.get(SEARCH_TAG) != search_id
+            and r.data.tags.get(COMPUTE_TAG, compute) == compute and r.data.params == wanted]
+    return min(runs, key=lambda r: r.info.start_time) if runs else None
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def reopen(uri: str, run) -> None:

@@ -7,6 +7,7 @@ carries `resumed_from` (the iteration this attempt started at) and `node` (where
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -65,7 +66,13 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
         return report_logged_final(uri, run_id, final)
     try:
         fault_point("trial_start", trial_number(), trial=trial_id)
+        compute = f"{device.type} x{torch.get_num_threads()}"
+        twin = (tracking.finished_twin(uri, options["experiment_id"], cfg.plain(), compute, options["search_id"])
+                if options.get("reuse") else None)
+        if twin is not None:
+            return report_twin(uri, run_id, twin, cfg)
         tracking.log_params(uri, run_id, cfg.plain())
+        tracking.set_tags(uri, run_id, {tracking.COMPUTE_TAG: compute})
         start = time.time()
         if d.method in SELECTORS:  # coreset baselines: real images picked in a zoo model's embedding
             net = zoo.materialise(1, d.pretrain_epochs).model(0, d.pretrain_epochs, device) if d.method != "random" else None
@@ -98,6 +105,25 @@ def trial_number() -> int:
     """The n-th trial the search started (1, 2, ...): Tune's trial folders are `<name>_<id>_<n>_<params>`."""
     context = tune.get_context()
     return int(Path(context.get_trial_dir()).name.split(f"{context.get_trial_id()}_", 1)[1].split("_")[0])
+
+
+def report_twin(uri: str, run_id: str, twin, cfg: Config) -> None:
+    """Take an identical finished trial's results (tracking.finished_twin) instead of computing
+    them: its final metrics and set go into this trial's run (the marker last, as in run_trial),
+    with the original's run id in REUSED_TAG and its sweep/trial in the metrics' `reused_from`."""
+    final = json.loads(twin.data.tags[tracking.FINAL_TAG])
+    original = twin.data.tags.get(tracking.REUSED_TAG, twin.info.run_id)
+    final.setdefault("reused_from", f"{Path(twin.data.tags[tracking.SEARCH_TAG]).name}/{twin.data.tags[tracking.TRIAL_TAG]}")
+    tracking.log_params(uri, run_id, cfg.plain())
+    tracking.set_tags(uri, run_id, {tracking.REUSED_TAG: original,
+                                    **({tracking.COMPUTE_TAG: twin.data.tags[tracking.COMPUTE_TAG]}
+                                       if tracking.COMPUTE_TAG in twin.data.tags else {})})
+    with tempfile.TemporaryDirectory() as folder:
+        files = [tracking.download_artifact(uri, twin.info.run_id, name, Path(folder)) for name in (SET_FILE, GRID_FILE)]
+        tracking.log_artifacts(uri, run_id, files)
+        tracking.log_final(uri, run_id, final, step=cfg.distill.iterations)
+        tracking.finish(uri, run_id)
+    report_logged_final(uri, run_id, final)
 
 
 def report_logged_final(uri: str, run_id: str, final: dict[str, Any]) -> None:
