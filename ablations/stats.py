@@ -230,6 +230,9 @@ def ci_text(effect: Effect) -> str:
 def verdict_line(word: str, effect: Effect, spec: EffectSpec, labels: list[str], sign: int, table,
                  nets: Effect | None = None, per_seed: Sequence[float] = ()) -> str:
     """The table's last line. `nets`: the networks-only CI, shown beside a verdict taken over seeds."""
+    if len(labels) < 2:  # e.g. the E sweep under smoke, whose zoo has one snapshot
+        return (f"verdict: unresolved — one cell ({labels[0] if labels else 'none'}): no effect to estimate "
+                "under this budget, whose grid has a single value here.")
     expect = "positive" if sign > 0 else "negative"
     factor = f"{effect.detectable_factor:.1f}"
     mde = f"{effect.detectable:.2f} ({factor} x SE)" if effect.detectable == effect.detectable else "–"
