@@ -293,8 +293,9 @@ def _tune_cells(name, args, cfg: Config, path: Path, cells: dict[str, dict], see
     if path.exists() and not args.resume:
         raise DsdmError(f"'{path}' already holds this sweep; pass --resume to continue (or finish) it, "
                         "or another --storage")
+    # a ledger without Tune state: started, stopped before Tune saved anything (resumable)
     if args.resume and not tune.Tuner.can_restore(str(path)) and not ledger(path).exists():
-        raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")  # a ledger: started, stopped before Tune saved
+        raise DsdmError(f"nothing to resume at '{path}'; run without --resume first")
     started = time.time()
     sessions = start_session(path, args.resume, getattr(args, "command", ""))
     try:
