@@ -86,9 +86,13 @@ def display_table(table, meta: dict):
         out["failed trials"] = table["failed"]
     if "session" in table:  # which invocation (1 = the first, 2 = the first --resume, ...) finished the cell
         out["session"] = table["session"]
-    if "reused" in table and (table["reused"] != "").any():  # trials copied from another sweep's identical one
+    if any_reused(table):  # trials copied from another sweep's identical one
         out["reused (seed ← sweep/trial)"] = table["reused"]
     return out
+
+
+def any_reused(table) -> bool:
+    return "reused" in table and bool((table["reused"] != "").any())
 
 
 def markdown(table, meta: dict) -> str:
@@ -98,7 +102,7 @@ def markdown(table, meta: dict) -> str:
              f"95% CI of the mean; {protocol_line(meta['cfg'])}. Seed s is every cell's distillation and evaluation "
              "seed (paired). val = the same nets on the held-out validation split (± over seeds); session = the "
              "invocation that finished the cell (2 and up: --resume).", *meta.get("notes", [])]
-    if "reused" in table and (table["reused"] != "").any():
+    if any_reused(table):
         lines.append("reused = trials whose exact config and seed another sweep under the same storage had already "
                      "finished on the same compute: their results were copied (a trial is bit-deterministic), not "
                      "re-run (their time is not in this table's); `--fresh` computes them.")

@@ -118,12 +118,12 @@ def report_twin(uri: str, run_id: str, twin, cfg: Config) -> None:
     tracking.set_tags(uri, run_id, {tracking.REUSED_TAG: original,
                                     **({tracking.COMPUTE_TAG: twin.data.tags[tracking.COMPUTE_TAG]}
                                        if tracking.COMPUTE_TAG in twin.data.tags else {})})
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder:  # the twin's set, fetched once: logged here and handed to Tune
         files = [tracking.download_artifact(uri, twin.info.run_id, name, Path(folder)) for name in (SET_FILE, GRID_FILE)]
         tracking.log_artifacts(uri, run_id, files)
         tracking.log_final(uri, run_id, final, step=cfg.distill.iterations)
         tracking.finish(uri, run_id)
-    report_logged_final(uri, run_id, final)
+        report_final(final, folder)
 
 
 def report_logged_final(uri: str, run_id: str, final: dict[str, Any]) -> None:
@@ -131,8 +131,13 @@ def report_logged_final(uri: str, run_id: str, final: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in (SET_FILE, GRID_FILE):
             tracking.download_artifact(uri, run_id, name, Path(folder))
-        tune.report({**final, "final_from_mlflow": 1, "node": ray.get_runtime_context().get_node_id()},
-                    checkpoint=tune.Checkpoint.from_directory(folder))
+        report_final(final, folder)
+
+
+def report_final(final: dict[str, Any], folder: str) -> None:
+    """Tune's final report of metrics already in MLflow, with the set in `folder` as the checkpoint."""
+    tune.report({**final, "final_from_mlflow": 1, "node": ray.get_runtime_context().get_node_id()},
+                checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, uri: str, run_id: str,
