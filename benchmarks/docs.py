@@ -1,8 +1,9 @@
 """The one place benchmarks write into docs/ (only when a benchmark is run with --write-docs)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from dsdm.io import atomic_write_text
 
 
 def replace_section(doc: Path, marks: tuple[str, str], body: str, title: str) -> None:
@@ -14,7 +15,4 @@ def replace_section(doc: Path, marks: tuple[str, str], body: str, title: str) ->
         text = head + block + rest.split(marks[1], 1)[1]
     else:
         text = text.rstrip("\n") + f"\n\n## {title}\n\n{block}\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_name(f".{doc.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
+    atomic_write_text(doc, text)

@@ -47,7 +47,8 @@ from dsdm.evaluate import match_ops
 from dsdm.fastpath import DrawPool, RealFeatureCache, embed, embed_as_is, embed_chunked
 from dsdm.losses import TERMS, RealSide, dsdm_class_loss, dsdm_losses
 from dsdm.memory import MemoryBank
-from dsdm.synthetic import SyntheticSet, atomic_torch_save, safe_torch_load, tile_grid
+from dsdm.io import atomic_torch_save, safe_torch_load
+from dsdm.synthetic import SyntheticSet, tile_grid
 from dsdm.train import build_model
 from dsdm.zoo import SPEED_LEVERS, ModelZoo, zoo_arch
 

@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dsdm.errors import DsdmError
+from dsdm.io import atomic_torch_save
 
 WORDS = ("down", "go", "left", "no", "right", "stop", "up", "yes")
 SUBDIRS = ("mini_speech_commands", "spoken_commands")  # names accepted under a parent root
@@ -152,19 +152,6 @@ def cache_dirs(speech_dir: Path, cache_dir: str | Path | None = None) -> list[Pa
     return [local, home] if _writable(speech_dir) else [home]
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache next to shared data should be shared
-        os.replace(tmp, path)  # readers never see a half-written file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_speech_commands(root: str | Path, cache_dir: str | Path | None = None) -> dict:
     """Processed speaker-split data as a dict: ``train_x/train_y/test_x/test_y`` tensors,
     ``train_files/test_files``, ``spec_min/spec_max`` (train range used for scaling),
@@ -183,7 +170,7 @@ def load_speech_commands(root: str | Path, cache_dir: str | Path | None = None) 
     data = _process(speech_dir, files)
     for d in dirs:
         try:
-            _save_atomic(data, d / name)
+            atomic_torch_save(data, d / name, mode=0o644)  # shared next to the data: readable by all
             return {**data, "cache_path": str(d / name), "from_cache": False}
         except OSError:
             continue  # try the next location; data is still usable uncached

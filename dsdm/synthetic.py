@@ -6,15 +6,13 @@ written atomically and read with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsdm.errors import DsdmError
+from dsdm.io import atomic_torch_save, safe_torch_load
 
 FORMAT = "dsdm-synthetic-set"
 VERSION = 1
@@ -68,7 +66,7 @@ class SyntheticSet:
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":
         payload = safe_torch_load(path, expect=FORMAT, what="distilled set",
-                                  fix="pass a file written by `python -m dsdm distill`")
+                                  fix="pass a file written by `python -m dsdm distill`", max_version=VERSION)
         return cls(
             images=payload["images"].float(),
             labels=payload["labels"],
@@ -87,37 +85,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, then rename: no torn files on a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def safe_torch_load(path: str | Path, expect: str, what: str, fix: str) -> dict:
-    """Load a dsdm file with weights_only=True; foreign or truncated files get one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DsdmError(f"{what} '{path}' does not exist; {fix}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle of foreign objects, not a torch file
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise DsdmError(f"'{path}' is not a readable {what} ({reason}); {fix}") from None
-    if not isinstance(payload, dict) or payload.get("format") != expect:
-        raise DsdmError(f"'{path}' is not a dsdm {what} (format tag missing or different); {fix}")
-    if payload.get("version", 0) > VERSION:
-        raise DsdmError(f"'{path}' was written by a newer dsdm (version {payload['version']}); upgrade dsdm")
-    return payload

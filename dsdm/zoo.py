@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from dsdm.augment import Op, ops_for
 from dsdm.config import ZooConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
-from dsdm.synthetic import atomic_torch_save
+from dsdm.io import atomic_torch_save, atomic_write_text, sha256_file
 from dsdm.train import TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifiers
 
 PRETRAIN_OPS = (Op.COLOR, Op.CROP)  # spec: colour + crop augmentation, plus CutMix
@@ -182,21 +180,6 @@ def read_manifest(folder: Path) -> dict:
     if manifest.get("format") != "dsdm-zoo":
         raise DsdmError(f"'{folder}/manifest.json' is not a dsdm zoo manifest; pass a folder written by `python -m dsdm pretrain`")
     return manifest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def zoo_key(dataset: Dataset, cfg: ZooConfig, data_seed: int = 0, val_fraction: float = 0.1) -> str:

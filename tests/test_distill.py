@@ -14,7 +14,7 @@ from dsdm.distill import Distiller, RunHooks, image_lr
 from dsdm.errors import DsdmError
 from dsdm.losses import prototype_loss
 from dsdm.models import ConvNet
-from dsdm.synthetic import safe_torch_load
+from dsdm.io import safe_torch_load
 
 from conftest import TINY_ZOO
 

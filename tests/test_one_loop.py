@@ -12,7 +12,7 @@ import pytest
 
 from dsdm import cli
 from dsdm.distill import Distiller
-from dsdm.synthetic import safe_torch_load
+from dsdm.io import safe_torch_load
 
 tr = pytest.importorskip("tune.trainable")
 

@@ -38,7 +38,7 @@ import torch
 from dsdm.config import ZooConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
-from dsdm.synthetic import atomic_torch_save
+from dsdm.io import atomic_torch_save
 from dsdm.zoo import ModelZoo, pretrain_group, zoo_arch, zoo_groups, zoo_key
 
 TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
