@@ -27,6 +27,12 @@ from typing import Any, get_type_hints
 
 from dsdm.errors import DsdmError
 
+# The values each speed lever takes (dsdm.train, dsdm.distill read them; validate() checks them).
+TRAIN_PATHS = ("fast", "baseline")
+SWITCH = ("on", "off", "auto")
+PRECISIONS = ("fp32", "bf16")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -174,11 +180,37 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise DsdmError(message)
-        from dsdm.train import check_levers  # here, not at the top: the config module stays torch-free
-
-        check_levers(z, "zoo")
-        check_levers(self.eval, "eval")
+        for section in ("zoo", "eval"):
+            _check_training_levers(getattr(self, section), section)
+        _check_distill_levers(d)
         return self
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise DsdmError(f"{key} must be one of {', '.join(allowed)} (got '{value}')")
+
+
+def _check_training_levers(section_cfg: Any, section: str) -> None:
+    """The training loop's levers of a zoo or eval section (dsdm.train reads them)."""
+    _one_of(f"{section}.train_path", section_cfg.train_path, TRAIN_PATHS)
+    _one_of(f"{section}.compile", section_cfg.compile, SWITCH)
+    _one_of(f"{section}.batch_nets", section_cfg.batch_nets, SWITCH)
+    _one_of(f"{section}.precision", section_cfg.precision, PRECISIONS)
+    if section_cfg.precision != "fp32" and section_cfg.train_path == "baseline":
+        raise DsdmError(f"{section}.precision={section_cfg.precision} runs on the fast training path only; "
+                        f"set {section}.train_path=fast")
+
+
+def _check_distill_levers(d: "DistillConfig") -> None:
+    """The fast distillation path's levers (dsdm.distill / dsdm.fastpath read them)."""
+    _one_of("distill.compile", d.compile, SWITCH)
+    _one_of("distill.precision", d.precision, PRECISIONS)
+    _one_of("distill.cache_dtype", d.cache_dtype, CACHE_DTYPES)
+    for key, value, meaning in (("cache_max_mb", d.cache_max_mb, "0 = no cap"), ("forward_chunk", d.forward_chunk, "0 = auto"),
+                                ("aug_refresh", d.aug_refresh, "0 = never redraw")):
+        if value < 0:
+            raise DsdmError(f"distill.{key} must be >= 0 ({meaning}), got {value}")
 
 
 SECTIONS = ("data", "zoo", "distill", "eval")

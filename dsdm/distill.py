@@ -69,9 +69,8 @@ COMPILE_AUTO_MIN_ITERATIONS = 1000
 # (instance norm, ReLU, pooling, their backward) run ~1.6x faster on 40-image chunks that stay in
 # cache than on one 400-image batch (measured; docs/benchmarks.md). On GPU: one forward.
 CPU_FORWARD_CHUNK = 40
+# names of distill.cache_dtype (validated by Config.validate) -> torch dtypes
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -134,17 +133,6 @@ def _maybe_compile(fn, enabled: bool):
     return call
 
 
-def _check_options(d) -> None:
-    for key, value, allowed in (("compile", d.compile, COMPILE_MODES), ("precision", d.precision, PRECISIONS),
-                                ("cache_dtype", d.cache_dtype, tuple(CACHE_DTYPES))):
-        if value not in allowed:
-            raise DsdmError(f"distill.{key} must be one of {', '.join(allowed)} (got '{value}')")
-    for key, value, meaning in (("cache_max_mb", d.cache_max_mb, "0 = no cap"), ("forward_chunk", d.forward_chunk, "0 = auto"),
-                                ("aug_refresh", d.aug_refresh, "0 = never redraw")):
-        if value < 0:
-            raise DsdmError(f"distill.{key} must be >= 0 ({meaning}), got {value}")
-
-
 class Distiller:
     """Holds the synthetic set, its optimiser, the memory bank, the draw pool and the RNG;
     `step()` is one iteration of Algorithm 1; `state_dict()` captures all of it for exact resume."""
@@ -162,7 +150,6 @@ class Distiller:
                 raise DsdmError(f"M={d.num_models} is larger than the zoo ({zoo.num_models} models); lower --models or pre-train more")
             if d.pretrain_epochs not in zoo.epochs:
                 raise DsdmError(f"E={d.pretrain_epochs} is not a snapshot of the zoo {zoo.epochs}; pick one of those epochs")
-        _check_options(d)
         self.generator = torch.Generator().manual_seed(d.seed)
         self.grid = tile_grid(d.factor, dataset.kind)
         images, self.labels = init_synthetic(dataset, d.ipc, self.grid, self.generator)
