@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, Iterable, get_type_hints
 
 from dsdm.errors import DsdmError
 
@@ -275,6 +275,46 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "eval.runs": 2, "eval.epochs": 5,
     },
 }
+
+
+# The M x E grid each budget's zoo can afford to pre-train: searches and sweeps draw M and E
+# from it, and one zoo (zoo_covering) serves all of it. Spec grid (Figure 5): M in
+# {1, 5, 10, 20}, E in {1, 5, ..., 30}.
+PAPER_MODELS = (1, 5, 10, 20)
+PAPER_EPOCHS = (1, 5, 10, 15, 20, 25, 30)
+BUDGET_GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "paper": (PAPER_MODELS, PAPER_EPOCHS),
+    "cpu": ((1, 2, 4), (1, 2)),
+    # one zoo (8 models, snapshots 1/2/5/10) serves the E sweep, the M sweep and the λ search
+    "resolve": ((1, 2, 4, 8), (1, 2, 5, 10)),
+    "smoke": ((1, 2), (1,)),
+}
+assert set(BUDGET_GRIDS) == set(BUDGETS)
+
+
+def zoo_covering(models: Iterable[int], epochs: Iterable[int]) -> dict[str, Any]:
+    """Zoo overrides so one pre-training serves every M in `models` and every E in `epochs`:
+    max(M) models, each kept at every snapshot epoch E."""
+    models, epochs = [int(m) for m in models], sorted({int(e) for e in epochs})
+    if not models or not epochs:
+        raise DsdmError("a zoo must cover at least one M and one E")
+    return {"zoo.num_models": max(models), "zoo.snapshots": tuple(epochs)}
+
+
+def parse_set_pairs(pairs: Iterable[str], flag: str = "--set", aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """`KEY=VALUE` strings -> {key: value} (values stay strings; `Config.override` coerces them).
+
+    `aliases` maps short names to dotted keys (`--fix lambda1=50`); a pair without '=' is refused.
+    """
+    aliases = aliases or {}
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            example = next(iter(aliases), "distill.iterations") + "=" + ("50" if aliases else "2000")
+            raise DsdmError(f"{flag} expects KEY=VALUE (e.g. {example}), got '{pair}'")
+        out[aliases.get(key.strip(), key.strip())] = value.strip()
+    return out
 
 
 # Methods that are DSDM's loop with other settings (spec section 5). Coresets need none.

@@ -347,15 +347,6 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
                         "or `ray up cluster.yaml`, or drop --address to run locally") from None
 
 
-def check_ipc_fits(dataset, cfg: Config) -> None:
-    """IPC (times the tiles each stored image starts from) must fit in the smallest class."""
-    from dsdm.coreset import check_ipc
-    from dsdm.synthetic import tile_grid
-
-    rows, cols = tile_grid(cfg.distill.factor, dataset.kind)
-    check_ipc(dataset, cfg.distill.ipc, per_image=rows * cols if cfg.distill.method in ("dsdm", "dm") else 1)
-
-
 class GracefulStop:
     """SIGINT and SIGTERM during `Tuner.fit` ask Tune to stop after saving its state (Tune's own
     path, reached through SIGUSR1); elsewhere, or on a second signal, they raise KeyboardInterrupt."""
@@ -645,6 +636,8 @@ def run_search(args: argparse.Namespace) -> dict:
 
         dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction,
                                cfg.data.seed)
+        from dsdm.coreset import check_ipc_fits
+
         check_ipc_fits(dataset, cfg)
         check_free_space(storage, space_needed(cfg, dataset, args.num_samples, zoo_on_disk=args.resume))
         paper_on_cpu_note(args.budget, args.trial_gpus, args.num_samples)
