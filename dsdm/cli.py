@@ -49,7 +49,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, help="fresh networks per architecture")
     p.add_argument("--epochs", type=int, help="training epochs per network (default: the protocol's)")
     p.add_argument("--protocol", choices=["dsdm", "dsdm-uniform", "dm"],
-                   help="evaluation recipe (dsdm.evaluate.PROTOCOLS; dsdm: the official one per dataset)")
+                   help="evaluation recipe (dsdm.recipes.PROTOCOLS; dsdm: the official one per dataset)")
     p.add_argument("--json", type=Path, help="write the results here")
 
 

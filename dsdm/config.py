@@ -32,6 +32,8 @@ TRAIN_PATHS = ("fast", "baseline")
 SWITCH = ("on", "off", "auto")
 PRECISIONS = ("fp32", "bf16")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+# Named recipes of dsdm.recipes.PROTOCOLS (listed here so a config validates without torch).
+PROTOCOL_NAMES = ("dsdm", "dsdm-uniform", "dm")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class DistillConfig:
     cache_dtype: str = "float32"  # storage of the cached centred real features: float32 | bfloat16 | float16
     cache_max_mb: int = 0  # cap on the real-feature cache, LRU beyond it (exact: entries recompute); 0 = none
     forward_chunk: int = 0  # fast path: images per synthetic forward; 0 = auto (40 on CPU, all on GPU)
+    # the recipe whose matching augmentation (its row per dataset, factor, IPC) the Siamese draws use;
+    # apart from eval.protocol, so evaluating a set another way never changes how it is distilled
+    match_protocol: str = "dsdm"  # dsdm | dsdm-uniform | dm (dsdm.recipes.PROTOCOLS)
     log_every: int = 100
     checkpoint_every: int = 500
     seed: int = 0
@@ -101,7 +106,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """Training fresh networks on the distilled set (spec section 4)."""
-    protocol: str = "dsdm"  # dsdm | dm  (see dsdm.evaluate.PROTOCOLS)
+    protocol: str = "dsdm"  # dsdm | dsdm-uniform | dm (dsdm.recipes.PROTOCOLS)
     archs: tuple[str, ...] = ("convnet3",)
     runs: int = 5
     epochs: int = 0  # 0 = the protocol's number
@@ -182,6 +187,8 @@ class Config:
                 raise DsdmError(message)
         for section in ("zoo", "eval"):
             _check_training_levers(getattr(self, section), section)
+        _one_of("eval.protocol", self.eval.protocol, PROTOCOL_NAMES)
+        _one_of("distill.match_protocol", d.match_protocol, PROTOCOL_NAMES)
         _check_distill_levers(d)
         return self
 

@@ -43,11 +43,11 @@ from dsdm.config import Config
 from dsdm.coreset import check_ipc
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
-from dsdm.evaluate import match_ops
 from dsdm.fastpath import DrawPool, RealFeatureCache, embed, embed_as_is, embed_chunked
 from dsdm.losses import TERMS, RealSide, dsdm_class_loss, dsdm_losses
 from dsdm.memory import MemoryBank
 from dsdm.io import atomic_torch_save, safe_torch_load
+from dsdm.recipes import match_ops
 from dsdm.synthetic import SyntheticSet, tile_grid
 from dsdm.train import build_model
 from dsdm.zoo import SPEED_LEVERS, ModelZoo, zoo_arch
@@ -158,7 +158,7 @@ class Distiller:
         self.arch = zoo.arch if zoo is not None else zoo_arch(cfg.zoo, dataset)
         probe = build_model(self.arch, dataset.channels, dataset.num_classes, dataset.image_size, 0)
         self.bank = MemoryBank(dataset.num_classes, probe.feature_dim, d.alpha, d.warmup, device=self.device)
-        self.ops = match_ops(cfg.eval.protocol, dataset.name, d.factor, d.ipc)  # the protocol's table row
+        self.ops = match_ops(d.match_protocol, dataset.name, d.factor, d.ipc)  # the recipe table's row
         self.embed = embed if d.nchw_input else embed_as_is
         # images per synthetic (and cache-fill) forward of the fast path; 0 = all at once
         self.forward_chunk = d.forward_chunk or (0 if self.device.type == "cuda" else CPU_FORWARD_CHUNK)
@@ -403,12 +403,14 @@ class Distiller:
 def config_mismatch(saved: dict, cfg: Config) -> list[str]:
     """'key: saved -> now' for each setting that would change the trajectory on resume.
 
-    A key the checkpoint lacks (added to Config since) counts as its default value. Of the
-    eval keys only the protocol matters: its table row sets the matching augmentation."""
+    A key the checkpoint lacks (added to Config since) counts as its default value, except
+    distill.match_protocol: before it existed, eval.protocol chose the matching augmentation.
+    No eval key changes the trajectory."""
     now, defaults = cfg.plain(), Config().plain()
+    if "distill.match_protocol" not in saved:
+        saved = {**saved, "distill.match_protocol": saved.get("eval.protocol", defaults["eval.protocol"])}
     return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
-            if (not k.startswith("eval.") or k == "eval.protocol") and k not in RESUMABLE_KEYS
-            and saved.get(k, defaults[k]) != v]
+            if not k.startswith("eval.") and k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
 def revision1_changes(distiller: Distiller) -> list[str]:
