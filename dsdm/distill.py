@@ -49,7 +49,7 @@ from dsdm.memory import MemoryBank
 from dsdm.io import atomic_torch_save, safe_torch_load
 from dsdm.recipes import match_ops
 from dsdm.synthetic import SyntheticSet, tile_grid
-from dsdm.train import build_model
+from dsdm.models import build_model
 from dsdm.zoo import SPEED_LEVERS, ModelZoo, zoo_arch
 
 CHECKPOINT_FORMAT = "dsdm-distill-checkpoint"
