@@ -105,6 +105,10 @@ class EvalConfig:
     compile: str = "off"  # torch.compile the training step: on | off | auto (on for >= 10K steps per network)
     batch_nets: str = "auto"  # train the runs of an architecture as one stacked model: on | off | auto (on for CUDA)
     precision: str = "fp32"  # fast path: fp32 | bf16 (autocast forward; weights, optimiser and loss in fp32)
+    # final scoring (dsdm.inference; the same accuracies up to float reassociation)
+    scoring: str = "joint"  # joint: all networks of an architecture in one pass over val/test | each: one by one (before 2026-12)
+    score_compile: str = "auto"  # joint: torch.compile the scoring forward: on | off | auto (CPU, >= 40K image-forwards)
+    score_batch: int = 0  # joint: images per scoring batch; 0 = auto (256 on CPU, 4096 on CUDA)
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,9 @@ class Config:
 
         check_levers(z, "zoo")
         check_levers(self.eval, "eval")
+        from dsdm.inference import check_scoring
+
+        check_scoring(self.eval)
         return self
 
 

@@ -17,6 +17,7 @@ from dsdm.augment import EVAL_OPS, MATCH_OPS, Op, ops_for
 from dsdm.config import EvalConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
+from dsdm.inference import score_networks, scoring_plan
 from dsdm.synthetic import SyntheticSet
 from dsdm.train import (TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifier,
                         train_classifiers)
@@ -171,6 +172,24 @@ def train_and_score_stacked(arch: str, x: torch.Tensor, y: torch.Tensor, dataset
     return [_scores(m, dataset) for m in models]
 
 
+def train_and_score_all(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Dataset, recipe: TrainRecipe,
+                        seeds: Sequence[int], device: torch.device, cfg: EvalConfig,
+                        stacked: bool = False) -> list[dict[str, float]]:
+    """The networks of `seeds` trained as `train_and_score` trains them (stacked or one by one),
+    then scored together: one pass over val and over test for all of them (dsdm.inference)."""
+    models = [build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, s).to(device) for s in seeds]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x, y = x.to(device), y.to(device)
+    if stacked and len(models) > 1:
+        train_classifiers(models, x, y, dataset.mean, dataset.std, recipe, generators)
+    else:
+        for model, generator in zip(models, generators):
+            train_classifier(model, x, y, dataset.mean, dataset.std, recipe, generator)
+    splits = {"val": (dataset.val_x, dataset.val_y), "test": (dataset.test_x, dataset.test_y)}
+    plan = scoring_plan(cfg, device, len(models) * (len(dataset.val_y) + len(dataset.test_y)))
+    return score_networks(models, splits, dataset.mean, dataset.std, **plan)
+
+
 def _scores(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
     return {
         "val": accuracy(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std),
@@ -184,7 +203,9 @@ def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device
     """Per architecture: mean/std/each run's test accuracy (%) and the same for validation.
 
     `run_ids` picks which of the cfg.runs networks to train (run i is seeded cfg.seed*1000+i), so
-    the runs can be spread over processes and joined with `merge_results`."""
+    the runs can be spread over processes and joined with `merge_results`. With cfg.scoring=joint
+    (default) an architecture's networks are trained, then scored in one pass (on_run reports them
+    after it); with `each`, each network is scored as soon as it is trained."""
     x, y = synset.decoded()
     protocol = get_protocol(cfg.protocol)
     recipe = speed_levers(set_recipe(protocol, synset, dataset.name, cfg.epochs), len(x), cfg)
@@ -194,7 +215,9 @@ def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device
         tests, vals, start = [], [], time.time()
         runs = list(range(cfg.runs) if run_ids is None else run_ids)
         seeds = [cfg.seed * 1000 + run for run in runs]
-        if stacked and len(runs) > 1:
+        if cfg.scoring == "joint":
+            all_scores = train_and_score_all(arch, x, y, dataset, recipe, seeds, device, cfg, stacked)
+        elif stacked and len(runs) > 1:
             all_scores = train_and_score_stacked(arch, x, y, dataset, recipe, seeds, device)
         else:  # lazily, so on_run reports each network as soon as it is trained
             all_scores = (train_and_score(arch, x, y, dataset, recipe, s, device) for s in seeds)
