@@ -59,9 +59,12 @@ SHAPES = {"mnist": (1, 28, 10, 6000, 10000, (0.1307,), (0.3081,)),
           "cifar10": (3, 32, 10, 5000, 10000, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 
 
-def random_dataset(name: str, seed: int = 0) -> Dataset:
-    """Random 8-bit pixels with the dataset's shape and val/test sizes (a small train split)."""
+def random_dataset(name: str, seed: int = 0, limit: int = 0) -> Dataset:
+    """Random 8-bit pixels with the dataset's shape and val/test sizes (at most `limit` each if > 0;
+    a small train split)."""
     ch, s, classes, n_val, n_test, mean, std = SHAPES[name]
+    if limit:
+        n_val, n_test = min(n_val, limit), min(n_test, limit)
     g = torch.Generator().manual_seed(seed)
 
     def split(n):
@@ -71,13 +74,13 @@ def random_dataset(name: str, seed: int = 0) -> Dataset:
                    info={"random_pixels": True})
 
 
-def cell_dataset(name: str, root: str | None) -> Dataset:
+def cell_dataset(name: str, root: str | None, limit: int = 0) -> Dataset:
     if root:
         try:
             return load_dataset(name, root, offline=True)
         except DsdmError as exc:
             _log(f"evalcell: {exc.args[0][:120]}...; using random pixels of {name}'s shape")
-    return random_dataset(name)
+    return random_dataset(name, limit=limit)
 
 
 def noise_set(cfg, dataset: Dataset, seed: int = 0) -> SyntheticSet:
@@ -119,7 +122,7 @@ def run_cell(name: str, args, device) -> dict:
             **({"eval.batch_nets": args.batch_nets} if args.batch_nets else {})}
     cfg = make_config(budget, over)
     full_epochs = make_config(budget, {"data.dataset": ds_name}).eval.epochs
-    dataset = cell_dataset(ds_name, args.data_root)
+    dataset = cell_dataset(ds_name, args.data_root, args.score_images)
     if args.score_images:  # tests and dry runs: the first N validation and test images only
         n = args.score_images
         dataset = replace(dataset, val_x=dataset.val_x[:n], val_y=dataset.val_y[:n], test_x=dataset.test_x[:n],
