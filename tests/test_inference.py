@@ -120,16 +120,20 @@ def test_phase_clock_sums_phases_and_carves_parts():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-def test_cuda_stacked_scoring_and_phase_memory(trained, digits):
-    """On a GPU: stacked scoring of the networks moved there equals CPU scoring; the clock records
-    each phase's peak CUDA memory."""
+def test_cuda_stacked_scoring_and_phase_memory(trained, digits, monkeypatch):
+    """On a GPU (TF32 off, so cuDNN computes in fp32): stacked scoring of the networks moved there
+    matches CPU scoring to at most one image per split (other kernels, other rounding); the clock
+    records each phase's peak CUDA memory."""
     import copy
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     today = _today(trained, digits)
     clock = PhaseClock("cuda")
     with clock.phase("eval"):
         nets = [copy.deepcopy(m).cuda() for m in trained]
         got = score_networks(nets, _splits(digits), digits.mean, digits.std, 4096, stacked=True)
-    assert got == today
+    for g, t in zip(got, today):
+        assert abs(g["val"] - t["val"]) * len(digits.val_y) <= 1 and abs(g["test"] - t["test"]) * len(digits.test_y) <= 1
     m = clock.metrics()
     assert m["peak_cuda_mb/eval"] > 0 and m["peak_cuda_mb"] == m["peak_cuda_mb/eval"]
