@@ -86,8 +86,18 @@ def device_record(device: Any) -> dict[str, Any]:
     import torch
 
     device = torch.device(device if device is not None else "cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
+
+
+def _cpu_name() -> str:
+    try:  # Linux names the model here; platform.processor() is often empty
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def recipe_record(synset, dataset: str, cfg: dict[str, Any]) -> dict[str, Any]:
