@@ -169,6 +169,11 @@ def test_distill_evaluate_export_run_without_ray_mlflow_optuna_or_jsonschema(tmp
     assert "convnet3: agree" in r.stdout and "2 of 2 networks identical run for run" in r.stdout
     r = run("export", "s.pt", "--to", "npz", "s.npz")
     assert r.returncode == 0, r.stderr[-2000:]
+    r = run("evaluate", "s.pt", "--budget", "smoke", "--runs", "1", "--epochs", "2", "--record")
+    assert r.returncode == 0 and "not comparable: epochs 2 here vs 5" in r.stdout, r.stderr[-2000:]
+    m = json.loads((tmp_path / "s.manifest.json").read_text())
+    assert m["evaluation"]["results"]["convnet3"]["test"]["n"] == 1 and m["evaluation"]["recipe"]["train"]["epochs"] == 2
+    assert set(m["exports"]) == {"npz"} and m["command"].endswith("--evaluate --out s.pt")  # the rest is kept
     (tmp_path / "s.manifest.json").write_text('{"format": "dsdm-set-manifest", "version": 1, "set": {}}')
     r = run("evaluate", "s.pt", "--budget", "smoke")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stdout == ""  # refused before any training
