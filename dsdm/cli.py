@@ -334,22 +334,18 @@ def results_table(label: str, dataset: str, results: dict) -> str:
 
 
 def cmd_export(args) -> None:
-    from dsdm import manifest as mf
-    from dsdm.export import ddranking_takes, export_set, sha256_path
+    from dsdm.export import ddranking_takes, export_file
     from dsdm.synthetic import SyntheticSet
 
-    synset = SyntheticSet.load(args.file)
-    beside = mf.manifest_path(args.file)
-    names = mf.read_manifest(beside)["set"]["class_names"] if beside.is_file() else None
+    synset = SyntheticSet.load(args.file)  # a foreign file fails here, before anything is written
     if args.to == "ddranking" and not ddranking_takes(synset.dataset):
         print(f"dsdm: note: DD-Ranking scores 3-channel CIFAR-10/100, Tiny-ImageNet and ImageNet sets only, "
               f"not {synset.dataset}; the export is written all the same (docs/sets.md)", file=sys.stderr)
-    out = export_set(synset, args.to, args.out, names)
+    out, manifest = export_file(args.file, args.to, args.out)
     n = len(synset.labels) * synset.grid[0] * synset.grid[1]
     print(f"wrote {out}: {n} decoded images of {synset.dataset} ({args.to})")
-    path = mf.record_export(args.file, args.to, out, sha256_path(out))
-    if path is not None:
-        print(f"recorded its sha256 in {path}")
+    if manifest is not None:
+        print(f"recorded its sha256 in {manifest}")
 
 
 def cmd_show(args) -> None:

@@ -95,6 +95,18 @@ def export_set(synset: SyntheticSet, fmt: str, out: str | Path, class_names: lis
     return _write_folder(out, lambda tmp: _ddranking(d, tmp, evaluation_lr(synset)))
 
 
+def export_file(set_path: str | Path, fmt: str, out: str | Path) -> tuple[Path, Path | None]:
+    """Export the set file at `set_path` (class names from its manifest, if any) and record the
+    export's sha256 in that manifest; returns (the export, the manifest updated or None)."""
+    from dsdm import manifest as mf
+
+    synset = SyntheticSet.load(set_path)
+    beside = mf.manifest_path(set_path)
+    names = mf.read_manifest(beside)["set"]["class_names"] if beside.is_file() else None
+    out = export_set(synset, fmt, out, names)
+    return out, mf.record_export(set_path, fmt, out, sha256_path(out))
+
+
 def evaluation_lr(synset: SyntheticSet) -> float:
     """The learning rate dsdm's evaluation recipe trains this set with (its config's protocol)."""
     from dsdm.evaluate import get_protocol
