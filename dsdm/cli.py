@@ -304,6 +304,10 @@ def cmd_evaluate(args, cfg: Config) -> None:
         synset = select_coreset(args.method, dataset, cfg.distill.ipc, cfg.distill.seed, net, config=cfg.plain())
         label = f"{args.method} ipc{cfg.distill.ipc}"
     _paper_on_cpu(cfg, device)
+    if recorded is not None and mf.recipe_differences(recorded, cfg.plain()):
+        print(f"dsdm: note: this evaluation differs from the one in the manifest "
+              f"({'; '.join(mf.recipe_differences(recorded, cfg.plain()))}); to re-check its number, pass the "
+              f"budget and flags of its command: {recorded.get('command') or 'see the manifest'}", file=sys.stderr, flush=True)
     start = time.time()
     results = _evaluate(synset, dataset, cfg, device)
     print(results_table(label, dataset.name, results))

@@ -267,7 +267,14 @@ def record_evaluation(set_path: str | Path, cfg: dict[str, Any], results: dict[s
 
 
 # --- comparison of a re-score with the manifest ----------------------------------------
-_SAME_KEYS = ("eval.protocol", "eval.seed", "eval.precision", "data.seed", "data.val_fraction")
+# what must match for a re-score to estimate the same number (eval.epochs 0: the protocol's)
+_SAME_KEYS = ("eval.protocol", "eval.epochs", "eval.seed", "eval.precision", "data.seed", "data.val_fraction")
+
+
+def recipe_differences(manifest: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """'eval.epochs 1500 here vs 50', ... for each evaluation setting `cfg` changes (none: [])."""
+    recorded = (manifest.get("evaluation") or {}).get("config", {})
+    return [f"{k} {cfg.get(k)!r} here vs {recorded.get(k)!r}" for k in _SAME_KEYS if recorded and cfg.get(k) != recorded.get(k)]
 
 
 def compare(manifest: dict[str, Any], set_sha256: str, cfg: dict[str, Any],
@@ -278,20 +285,19 @@ def compare(manifest: dict[str, Any], set_sha256: str, cfg: dict[str, Any],
     if not evaluation:
         return ["manifest: no evaluation recorded (`python -m dsdm evaluate SET --record` adds one)"]
     lines = []
-    if manifest["set"]["sha256"] != set_sha256:
+    other_set = manifest["set"]["sha256"] != set_sha256
+    if other_set:
         lines.append("manifest: the set file's sha256 differs from the manifest's: a different set, numbers not comparable")
-    recorded = evaluation["config"]
-    differ = [f"{k} {cfg.get(k)!r} here vs {recorded.get(k)!r}" for k in _SAME_KEYS if cfg.get(k) != recorded.get(k)]
+    differ = recipe_differences(manifest, cfg)
     for arch, r in results.items():
         old = evaluation["results"].get(arch)
         if old is None:
             lines.append(f"manifest: no {arch} result recorded")
             continue
-        arch_differ = differ + ([f"epochs {r['epochs']} here vs {old['epochs']}"] if r["epochs"] != old["epochs"] else [])
         new = summary(r["runs"])
         lines.append(f"{arch}: this run {_fmt(new)} | manifest {_fmt(old['test'])}")
-        if arch_differ or lines[0].startswith("manifest: the set"):
-            lines.append(f"{arch}: not comparable: {'; '.join(arch_differ) or 'another set'}")
+        if differ or other_set:
+            lines.append(f"{arch}: not comparable: {'; '.join(differ) or 'another set'}")
             continue
         same_runs = sum(abs(a - b) < 1e-9 for a, b in zip(r["runs"], old["test"]["runs"]))
         ci = old["test"]["ci95"]

@@ -116,8 +116,9 @@ def test_compare_agrees_disagrees_or_says_not_comparable(tmp_path):
     assert one[-1].startswith("convnet3: agree") and "0 of 1 networks identical" in one[-1]
     far = mf.compare(m, sha, cfg, fake_results(runs=(60.0, 61.0, 62.0)))
     assert far[-1].startswith("convnet3: disagree: the mean 61.00 is outside")
-    other_epochs = mf.compare(m, sha, cfg, fake_results(epochs=50))
-    assert other_epochs[-1] == "convnet3: not comparable: epochs 50 here vs 5"
+    other_epochs = mf.compare(m, sha, {**cfg, "eval.epochs": 50}, fake_results(epochs=50))
+    assert other_epochs[-1] == "convnet3: not comparable: eval.epochs 50 here vs 5"
+    assert mf.recipe_differences(m, {**cfg, "eval.epochs": 50}) == ["eval.epochs 50 here vs 5"]
     other_seed = mf.compare(m, sha, {**cfg, "eval.seed": 3}, fake_results())
     assert "not comparable: eval.seed 3 here vs 0" in other_seed[-1]
     other_set = mf.compare(m, "0" * 64, cfg, fake_results())
@@ -170,7 +171,8 @@ def test_distill_evaluate_export_run_without_ray_mlflow_optuna_or_jsonschema(tmp
     r = run("export", "s.pt", "--to", "npz", "s.npz")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("evaluate", "s.pt", "--budget", "smoke", "--runs", "1", "--epochs", "2", "--record")
-    assert r.returncode == 0 and "not comparable: epochs 2 here vs 5" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and "not comparable: eval.epochs 2 here vs 5" in r.stdout, r.stderr[-2000:]
+    assert "dsdm: note: this evaluation differs from the one in the manifest (eval.epochs 2 here vs 5)" in r.stderr
     m = json.loads((tmp_path / "s.manifest.json").read_text())
     assert m["evaluation"]["results"]["convnet3"]["test"]["n"] == 1 and m["evaluation"]["recipe"]["train"]["epochs"] == 2
     assert set(m["exports"]) == {"npz"} and m["command"].endswith("--evaluate --out s.pt")  # the rest is kept
