@@ -1,4 +1,4 @@
-"""`python -m dsdm pretrain | distill | evaluate | show` — the library without Ray.
+"""`python -m dsdm pretrain | distill | evaluate | show | export` — the library without Ray.
 
 Every command builds one `Config` (defaults < method preset < --budget < flags/--set),
 prints a short result, and maps a `DsdmError` to one line on stderr and exit code 2.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -79,19 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-img", type=float, help="learning rate of the stored images (0: 0.1 * ipc / 10)")
     p.add_argument("--reference", action="store_true", help="the straightforward loop instead of the fast path")
     p.add_argument("--checkpoint", type=Path, help="resume from / write here (default: OUT.ckpt)")
-    p.add_argument("--out", type=Path, required=True, help="distilled-set file to write")
+    p.add_argument("--evaluate", action="store_true",
+                   help="then evaluate the set with the budget's eval.* settings and record the result in its manifest")
+    p.add_argument("--out", type=Path, required=True, help="distilled-set file to write (its manifest goes beside it)")
 
     p = sub.add_parser("evaluate", help="train fresh networks on a distilled set (or a coreset)", formatter_class=defaults)
     _common(p)
     p.add_argument("file", nargs="?", type=Path, help="distilled-set file; omit to select a coreset with --method")
     p.add_argument("--method", choices=["random", "herding", "kcenter"], help="coreset to select and evaluate")
     p.add_argument("--ipc", type=int, help="images per class of the coreset")
+    p.add_argument("--record", action="store_true",
+                   help="store this result (and its recipe) in the set's manifest, replacing the one there")
     _eval_flags(p)
 
     p = sub.add_parser("show", help="draw a distilled set as a class-by-class image grid", formatter_class=defaults)
     p.add_argument("file", type=Path, help="distilled-set file")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.add_argument("--decoded", action="store_true", help="draw the decoded (training) images")
+
+    from dsdm.export import FORMATS
+
+    p = sub.add_parser("export", help="write a distilled set in a format other tools read", formatter_class=defaults,
+                       description="Decoded images sorted by class: imagefolder (PNG folders + metadata.csv: torchvision "
+                                   "ImageFolder, Hugging Face imagefolder), npz (numpy), ddranking (images.pt, labels.pt, "
+                                   "lr.pt for DD-Ranking), tuple (a (data, target) .pt). docs/sets.md shows how to load each.")
+    p.add_argument("file", type=Path, help="distilled-set file")
+    p.add_argument("--to", required=True, choices=FORMATS, help="export format")
+    p.add_argument("out", type=Path, help="folder (imagefolder, ddranking) or file (npz, tuple) to write")
     return parser
 
 
@@ -176,6 +191,7 @@ def cmd_distill(args, cfg: Config) -> None:
 
     from dsdm.coreset import select_coreset
     from dsdm.distill import Distiller
+    from dsdm.synthetic import SyntheticSet
     from dsdm.train import resolve_device
     from dsdm.zoo import ModelZoo
 
@@ -206,21 +222,66 @@ def cmd_distill(args, cfg: Config) -> None:
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
             synset = distiller.run(checkpoint=checkpoint, log=log)
     synset.save(args.out)
+    phases = {"zoo": zoo_seconds, "distill": time.time() - start - zoo_seconds}
     print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
-          f"zoo {zoo_seconds:.1f}s, distill {time.time() - start - zoo_seconds:.1f}s")
+          f"zoo {phases['zoo']:.1f}s, distill {phases['distill']:.1f}s")
+    results = None
+    if args.evaluate:
+        start = time.time()
+        # the saved file (float16), not the float32 set in memory: the manifest's number is the file's
+        results = _evaluate(SyntheticSet.load(args.out), dataset, cfg, device)
+        phases["evaluate"] = time.time() - start
+        print(results_table(args.out.name, dataset.name, results))
+    from dsdm.manifest import write_manifest
+
+    key, settings = _zoo_record(zoo, dataset, cfg)
+    path = write_manifest(args.out, cfg.plain(), results, phases, key, settings, device, dataset.class_names,
+                          command=_command(args))
+    print(f"wrote {path}")
+
+
+def _zoo_record(zoo, dataset, cfg: Config) -> tuple[str | None, dict | None]:
+    """The key and settings of the zoo a set was distilled with (None, None: no zoo)."""
+    import dataclasses
+
+    from dsdm.config import ZooConfig
+    from dsdm.zoo import zoo_key
+
+    if zoo is None:
+        return None, None
+    names = {f.name for f in dataclasses.fields(ZooConfig)}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.config.items() if k in names}
+    return zoo_key(dataset, ZooConfig(**settings), cfg.data.seed, cfg.data.val_fraction), zoo.config
+
+
+def _command(args) -> str:
+    return "python -m dsdm " + shlex.join(args.argv)
+
+
+def _evaluate(synset, dataset, cfg: Config, device) -> dict:
+    from tqdm import tqdm
+
+    from dsdm.evaluate import evaluate_set
+
+    e = cfg.eval
+    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar:
+        return evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1))
 
 
 def cmd_evaluate(args, cfg: Config) -> None:
-    from tqdm import tqdm
-
+    from dsdm import manifest as mf
     from dsdm.coreset import select_coreset
-    from dsdm.evaluate import evaluate_set
     from dsdm.synthetic import SyntheticSet
     from dsdm.train import resolve_device
 
     device = resolve_device(args.device)
+    recorded = None
+    if args.record and args.file is None:
+        raise DsdmError("--record stores the result in a set's manifest; pass the set FILE")
     if args.file is not None:
         synset = SyntheticSet.load(args.file)
+        if mf.manifest_path(args.file).is_file():  # a foreign or corrupt manifest fails here, before training
+            recorded = mf.read_manifest(mf.manifest_path(args.file))
         if args.dataset and args.dataset != synset.dataset:
             raise DsdmError(f"'{args.file}' was distilled from {synset.dataset}, not {args.dataset}; drop --dataset")
         cfg = cfg.override({"data.dataset": synset.dataset})
@@ -235,10 +296,24 @@ def cmd_evaluate(args, cfg: Config) -> None:
         synset = select_coreset(args.method, dataset, cfg.distill.ipc, cfg.distill.seed, net, config=cfg.plain())
         label = f"{args.method} ipc{cfg.distill.ipc}"
     _paper_on_cpu(cfg, device)
-    e = cfg.eval
-    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar:
-        results = evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1))
+    if recorded is not None and mf.recipe_differences(recorded, cfg.plain()):
+        print(f"dsdm: note: this evaluation differs from the one in the manifest "
+              f"({'; '.join(mf.recipe_differences(recorded, cfg.plain()))}); to re-check its number, pass the "
+              f"budget and flags of its command: {recorded.get('command') or 'see the manifest'}", file=sys.stderr, flush=True)
+    start = time.time()
+    results = _evaluate(synset, dataset, cfg, device)
     print(results_table(label, dataset.name, results))
+    if recorded is not None:
+        from dsdm.io import sha256_file
+
+        print("\n".join(mf.compare(recorded, sha256_file(args.file), cfg.plain(), results)))
+    if args.record:
+        if recorded is None:
+            path = mf.write_manifest(args.file, synset.config, results, {"evaluate": time.time() - start},
+                                     device=device, class_names=dataset.class_names, eval_cfg=cfg.plain())
+        else:
+            path = mf.record_evaluation(args.file, cfg.plain(), results, time.time() - start)
+        print(f"recorded in {path}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"set": label, "dataset": dataset.name, "budget": cfg.budget,
@@ -252,6 +327,21 @@ def results_table(label: str, dataset: str, results: dict) -> str:
         lines.append(f"| {label} | {dataset} | {arch} | {r['protocol']} | {r['epochs']} | {r['mean']:.2f} ± {r['std']:.2f} "
                      f"| {r['val_mean']:.2f} ± {r['val_std']:.2f} | {len(r['runs'])} | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def cmd_export(args) -> None:
+    from dsdm.export import ddranking_takes, export_file
+    from dsdm.synthetic import SyntheticSet
+
+    synset = SyntheticSet.load(args.file)  # a foreign file fails here, before anything is written
+    if args.to == "ddranking" and not ddranking_takes(synset.dataset):
+        print(f"dsdm: note: DD-Ranking scores 3-channel CIFAR-10/100, Tiny-ImageNet and ImageNet sets only, "
+              f"not {synset.dataset}; the export is written all the same (docs/sets.md)", file=sys.stderr)
+    out, manifest = export_file(args.file, args.to, args.out)
+    n = len(synset.labels) * synset.grid[0] * synset.grid[1]
+    print(f"wrote {out}: {n} decoded images of {synset.dataset} ({args.to})")
+    if manifest is not None:
+        print(f"recorded its sha256 in {manifest}")
 
 
 def cmd_show(args) -> None:
@@ -274,9 +364,10 @@ def _paper_on_cpu(cfg: Config, device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "show":
-            cmd_show(args)
+        if args.command in ("show", "export"):
+            {"show": cmd_show, "export": cmd_export}[args.command](args)
             return 0
         cfg = config_from_args(args)
         {"pretrain": cmd_pretrain, "distill": cmd_distill, "evaluate": cmd_evaluate}[args.command](args, cfg)
