@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsdm.evaluate import get_protocol
+from dsdm.recipes import get_protocol
 from dsdm.inference import score_networks
 from dsdm.train import accuracy, build_model, train_classifier
 

@@ -109,7 +109,7 @@ def export_file(set_path: str | Path, fmt: str, out: str | Path) -> tuple[Path, 
 
 def evaluation_lr(synset: SyntheticSet) -> float:
     """The learning rate dsdm's evaluation recipe trains this set with (its config's protocol)."""
-    from dsdm.evaluate import get_protocol
+    from dsdm.recipes import get_protocol
 
     return get_protocol(str(synset.config.get("eval.protocol", "dsdm"))).lr
 

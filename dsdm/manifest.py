@@ -14,7 +14,6 @@ import math
 import platform
 import statistics
 import subprocess
-import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,7 +102,7 @@ def _cpu_name() -> str:
 def recipe_record(synset, dataset: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """The evaluation recipe by name and in full, as `dsdm evaluate` resolves it for this set."""
     from dsdm.config import Config
-    from dsdm.evaluate import get_protocol, set_recipe
+    from dsdm.recipes import get_protocol, set_recipe
     from dsdm.train import speed_levers
 
     eval_cfg = Config.from_flat({k: v for k, v in cfg.items() if k.startswith("eval.")}).eval

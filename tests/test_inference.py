@@ -11,7 +11,8 @@ from dsdm.augment import normalize
 from dsdm.config import EvalConfig, make_config
 from dsdm.coreset import select_coreset
 from dsdm.errors import DsdmError
-from dsdm.evaluate import evaluate_set, get_protocol
+from dsdm.evaluate import evaluate_set
+from dsdm.recipes import get_protocol
 from dsdm.inference import score_networks, scoring_plan
 from dsdm.phases import PhaseClock
 from dsdm.train import accuracy, build_model, train_classifier
