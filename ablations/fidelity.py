@@ -25,7 +25,8 @@ import math
 import sys
 from pathlib import Path
 
-from ablations.common import Cell, build_parser, cell_ids, cli, for_each_ipc, run_sweep
+from ablations.cli import build_parser, cli, for_each_ipc
+from ablations.sweep import Cell, cell_ids, run_sweep
 from ablations.stats import Effect, mean_ci, paired_difference
 from dsdm.config import BUDGETS, DistillConfig
 from dsdm.errors import DsdmError

@@ -20,11 +20,11 @@ import copy
 import sys
 from pathlib import Path
 
-from ablations.common import (Cell, build_parser, cli, common_overrides, for_each_ipc, parse_ints, parse_seeds,
-                              ray_session, run_sweep, sweep_configs, sweep_path)
+from ablations.cli import build_parser, cli, for_each_ipc, parse_ints, parse_seeds, sweep_session
+from ablations.sweep import Cell, common_overrides, run_sweep, sweep_configs, sweep_name
 from ablations.stats import EffectSpec
 from dsdm.errors import DsdmError
-from tune.search import check_storage
+from tune.storage import Storage
 
 LAMBDA1 = (0.01, 10.0, 50.0, 100.0)
 LAMBDA2 = (0.0, 0.1, 0.2, 0.5, 1.0)
@@ -67,13 +67,13 @@ def comparison_seeds(asked: list[int], search_seed: int) -> list[int]:
 def search_argv(args: argparse.Namespace, ipc: int, name: str, fix: dict[str, int], zoo: dict[str, str]) -> list[str]:
     """tune.search's command line: the sweep's flags, M and E fixed, the sweeps' shared zoo."""
     argv = ["--dataset", args.dataset, "--ipc", str(ipc), "--budget", args.budget, "--num-samples", str(args.search),
-            "--storage", str(args.storage), "--local-dir", str(args.storage), "--name", name,
+            "--storage", str(args.storage), "--local-dir", str(args.local_dir), "--name", name,
             "--seed", str(args.search_seed), "--cross-arch", "none", "--max-failures", str(args.max_failures),
             "--trial-cpus", str(args.trial_cpus), "--trial-gpus", str(args.trial_gpus),
             "--zoo-cpus", str(args.zoo_cpus), "--zoo-gpus", str(args.zoo_gpus),
             "--fix", *(f"{k}={v}" for k, v in fix.items())]
     for flag, value in (("--data-root", args.data_root), ("--address", args.address), ("--num-cpus", args.num_cpus),
-                        ("--mlflow-uri", args.mlflow_uri)):
+                        ("--mlflow-uri", args.mlflow_uri), ("--zoo-actors", args.zoo_actors)):
         if value is not None:
             argv += [flag, str(value)]
     if args.offline:
@@ -109,25 +109,24 @@ def search_and_compare(args: argparse.Namespace, ipc: int):
     base, _ = sweep_configs(args.budget, common_overrides(args, ipc), comparison_cells(50.0, 0.2))
     fix = {"M": base.distill.num_models, "E": base.distill.pretrain_epochs}
     zoo = {"zoo.num_models": str(base.zoo.num_models), "zoo.snapshots": ",".join(map(str, base.zoo.snapshots))}
-    storage = check_storage(args.storage)
+    storage = Storage.open(args.storage, args.local_dir)
     name = f"lambda_optuna-{base.data.dataset}-ipc{ipc}-{args.budget}"  # Optuna trials; the comparison: lambda_search-*
     seeds = comparison_seeds(parse_seeds(args.seeds), args.search_seed)
-    table = run_search(args, ipc, search_argv(args, ipc, name, fix, zoo), storage / name)
+    table = run_search(args, ipc, search_argv(args, ipc, name, fix, zoo), storage.local / name)
     done = table[table["status"] == "DONE"].sort_values("val_acc", ascending=False)
     if done.empty:
-        raise DsdmError(f"no trial of the search at '{storage / name}' finished; rerun with --resume")
+        raise DsdmError(f"no trial of the search at '{storage.uri(name)}' finished; rerun with --resume")
     best = done.iloc[0]
     grid = comparison_cells(float(best["lambda1"]), float(best["lambda2"]))
     notes = [f"λ chosen by {len(done)} Optuna TPE trials (sampler seed {args.search_seed}) over λ1 / λ2 at M = "
              f"{fix['M']}, E = {fix['E']}, ranked by validation accuracy (search table: "
-             f"`{storage / name / 'trials.md'}`); best trial {best['trial_id']}: val {best['val_acc']:.2f}. "
+             f"`{storage.local / name / 'trials.md'}`); best trial {best['trial_id']}: val {best['val_acc']:.2f}. "
              f"Both cells below are then run with the same seeds {seeds} (paired; not the search's seed "
              f"{args.search_seed}, which would rebuild the winning set); the verdict uses the test split."]
     sweep_args = copy.copy(args)
     sweep_args.seeds = seeds
-    sweep_args.resume = args.resume and sweep_path(storage, "lambda_search", base.data.dataset, ipc,
-                                                   args.budget).exists()
-    with ray_session(sweep_args):
+    sweep_args.resume = args.resume and storage.exists(sweep_name("lambda_search", base.data.dataset, ipc, args.budget))
+    with sweep_session(sweep_args):
         return run_sweep("lambda_search", grid, sweep_args, {}, ipc=ipc, notes=notes, effect=SEARCH_EFFECT)
 
 
