@@ -33,7 +33,7 @@ def fmt_ci(low: float, high: float) -> str:
 
 def protocol_line(cfg: Config) -> str:
     """The evaluation protocol by name and what it is (dsdm.evaluate.PROTOCOLS)."""
-    from dsdm.evaluate import get_protocol
+    from dsdm.recipes import get_protocol
 
     recipe = get_protocol(cfg.eval.protocol).recipe(cfg.data.dataset, cfg.eval.epochs)
     return (f"evaluation protocol `{cfg.eval.protocol}`: fresh ConvNet-3s, {recipe.epochs} epochs, batch "

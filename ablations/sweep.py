@@ -34,7 +34,7 @@ from ablations.aggregate import aggregate, unit_runs, with_runs
 from ablations.cli import parse_ints, parse_seeds
 from ablations.ledger import Ledger, earlier_wall, part_of, session_of
 from ablations.stats import EffectSpec, sweep_effect
-from dsdm.config import BUDGETS, Config, make_config
+from dsdm.config import BUDGET_GRIDS, Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
 from tune.runner import Runner
 from tune.signals import STOP
@@ -70,8 +70,6 @@ class SweepOutput:
 
 # --- configs ------------------------------------------------------------------------------------
 def common_overrides(args: argparse.Namespace, ipc: int) -> dict[str, Any]:
-    from dsdm.config import parse_set_pairs
-
     out: dict[str, Any] = {"data.dataset": args.dataset, "distill.ipc": ipc}
     if args.data_root:
         out["data.root"] = str(Path(args.data_root).resolve())
@@ -81,8 +79,7 @@ def common_overrides(args: argparse.Namespace, ipc: int) -> dict[str, Any]:
 
 
 def budget_grid(budget: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from dsdm.config import BUDGET_GRIDS
-
+    """(M grid, E grid) the budget's zoo affords."""
     return BUDGET_GRIDS[budget]
 
 
@@ -92,7 +89,7 @@ def sweep_configs(budget: str, common: dict, cells: list[Cell]) -> tuple[Config,
     grid_m, grid_e = budget_grid(budget)
     ms = [int(c.overrides.get("distill.num_models", default.num_models)) for c in cells]
     es = [int(c.overrides.get("distill.pretrain_epochs", default.pretrain_epochs)) for c in cells]
-    zoo = {"zoo.num_models": max([*ms, *grid_m]), "zoo.snapshots": tuple(sorted({*es, *grid_e}))}
+    zoo = zoo_covering([*ms, *grid_m], [*es, *grid_e])
     base = make_config(budget, {**common, **zoo})
     flat = base.plain()
     diffs = {}

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from dsdm.config import ZooConfig
-from dsdm.evaluate import get_protocol
+from dsdm.recipes import get_protocol
 from dsdm.train import TrainRecipe, build_model, resolve_device, stack_networks, train_classifier, train_classifiers
-from dsdm.zoo import zoo_recipe
+from dsdm.recipes import zoo_recipe
 from benchmarks.docs import replace_section
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"

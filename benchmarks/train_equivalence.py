@@ -30,7 +30,7 @@ import torch
 from dsdm.config import make_config
 from dsdm.coreset import select_coreset
 from dsdm.data import load_dataset
-from dsdm.evaluate import get_protocol
+from dsdm.recipes import get_protocol
 from dsdm.models import list_models
 from dsdm.train import accuracy, build_model, train_classifier
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsdm.config import BUDGETS, Config, make_config
+from dsdm.config import BUDGETS, Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
 
 
@@ -49,7 +49,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, help="fresh networks per architecture")
     p.add_argument("--epochs", type=int, help="training epochs per network (default: the protocol's)")
     p.add_argument("--protocol", choices=["dsdm", "dsdm-uniform", "dm"],
-                   help="evaluation recipe (dsdm.evaluate.PROTOCOLS; dsdm: the official one per dataset)")
+                   help="evaluation recipe (dsdm.recipes.PROTOCOLS; dsdm: the official one per dataset)")
     p.add_argument("--json", type=Path, help="write the results here")
 
 
@@ -121,16 +121,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.snapshots or args.epochs:
             snaps = {int(s) for s in (args.snapshots or "").split(",") if s.strip()}
             overrides["zoo.snapshots"] = tuple(sorted(snaps | ({args.epochs} if args.epochs else set())))
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise DsdmError(f"--set expects KEY=VALUE, got '{pair}'")
-        overrides[key.strip()] = value.strip()
-    if args.command == "distill" and "distill.pretrain_epochs" in overrides and "zoo.snapshots" not in overrides:
-        # a zoo trained for this run keeps the snapshot the run asks for
-        overrides["zoo.snapshots"] = (int(overrides["distill.pretrain_epochs"]),)
-    if args.command == "distill" and "distill.num_models" in overrides and "zoo.num_models" not in overrides:
-        overrides["zoo.num_models"] = max(int(overrides["distill.num_models"]), 1)
+    overrides.update(parse_set_pairs(args.set))
+    if args.command == "distill":
+        # a zoo trained for this run covers the M and E the run asks for (and keeps the budget's otherwise)
+        zoo = zoo_covering([max(int(overrides.get("distill.num_models", 1)), 1)],
+                           [int(overrides.get("distill.pretrain_epochs", 1))])
+        for asked, zoo_key in (("distill.num_models", "zoo.num_models"), ("distill.pretrain_epochs", "zoo.snapshots")):
+            if asked in overrides:
+                overrides.setdefault(zoo_key, zoo[zoo_key])
     return make_config(args.budget, overrides)
 
 
@@ -183,7 +181,9 @@ def cmd_distill(args, cfg: Config) -> None:
 
     dataset, device = _dataset(cfg), resolve_device(args.device)
     d, cache = cfg.distill, args.cache or default_cache()
-    _check_ipc(dataset, cfg)  # before a zoo is pre-trained for nothing
+    from dsdm.coreset import check_ipc_fits
+
+    check_ipc_fits(dataset, cfg)  # before a zoo is pre-trained for nothing
     _paper_on_cpu(cfg, device)
     start = time.time()
     needs_zoo = d.method in ("herding", "kcenter") or (d.method == "dsdm" and d.pretrained)
@@ -208,14 +208,6 @@ def cmd_distill(args, cfg: Config) -> None:
     synset.save(args.out)
     print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
           f"zoo {zoo_seconds:.1f}s, distill {time.time() - start - zoo_seconds:.1f}s")
-
-
-def _check_ipc(dataset, cfg: Config) -> None:
-    from dsdm.coreset import check_ipc
-    from dsdm.synthetic import tile_grid
-
-    rows, cols = tile_grid(cfg.distill.factor, dataset.kind)
-    check_ipc(dataset, cfg.distill.ipc, per_image=rows * cols if cfg.distill.method in ("dsdm", "dm") else 1)
 
 
 def cmd_evaluate(args, cfg: Config) -> None:

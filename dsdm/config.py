@@ -23,9 +23,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, Iterable, get_type_hints
 
 from dsdm.errors import DsdmError
+
+# The values each speed lever takes (dsdm.train, dsdm.distill read them; validate() checks them).
+TRAIN_PATHS = ("fast", "baseline")
+SWITCH = ("on", "off", "auto")
+PRECISIONS = ("fp32", "bf16")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+# Named recipes of dsdm.recipes.PROTOCOLS (listed here so a config validates without torch).
+PROTOCOL_NAMES = ("dsdm", "dsdm-uniform", "dm")
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class DistillConfig:
     cache_dtype: str = "float32"  # storage of the cached centred real features: float32 | bfloat16 | float16
     cache_max_mb: int = 0  # cap on the real-feature cache, LRU beyond it (exact: entries recompute); 0 = none
     forward_chunk: int = 0  # fast path: images per synthetic forward; 0 = auto (40 on CPU, all on GPU)
+    # the recipe whose matching augmentation (its row per dataset, factor, IPC) the Siamese draws use;
+    # apart from eval.protocol, so evaluating a set another way never changes how it is distilled
+    match_protocol: str = "dsdm"  # dsdm | dsdm-uniform | dm (dsdm.recipes.PROTOCOLS)
     log_every: int = 100
     checkpoint_every: int = 500
     seed: int = 0
@@ -95,7 +106,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """Training fresh networks on the distilled set (spec section 4)."""
-    protocol: str = "dsdm"  # dsdm | dm  (see dsdm.evaluate.PROTOCOLS)
+    protocol: str = "dsdm"  # dsdm | dsdm-uniform | dm (dsdm.recipes.PROTOCOLS)
     archs: tuple[str, ...] = ("convnet3",)
     runs: int = 5
     epochs: int = 0  # 0 = the protocol's number
@@ -174,11 +185,39 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise DsdmError(message)
-        from dsdm.train import check_levers  # here, not at the top: the config module stays torch-free
-
-        check_levers(z, "zoo")
-        check_levers(self.eval, "eval")
+        for section in ("zoo", "eval"):
+            _check_training_levers(getattr(self, section), section)
+        _one_of("eval.protocol", self.eval.protocol, PROTOCOL_NAMES)
+        _one_of("distill.match_protocol", d.match_protocol, PROTOCOL_NAMES)
+        _check_distill_levers(d)
         return self
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise DsdmError(f"{key} must be one of {', '.join(allowed)} (got '{value}')")
+
+
+def _check_training_levers(section_cfg: Any, section: str) -> None:
+    """The training loop's levers of a zoo or eval section (dsdm.train reads them)."""
+    _one_of(f"{section}.train_path", section_cfg.train_path, TRAIN_PATHS)
+    _one_of(f"{section}.compile", section_cfg.compile, SWITCH)
+    _one_of(f"{section}.batch_nets", section_cfg.batch_nets, SWITCH)
+    _one_of(f"{section}.precision", section_cfg.precision, PRECISIONS)
+    if section_cfg.precision != "fp32" and section_cfg.train_path == "baseline":
+        raise DsdmError(f"{section}.precision={section_cfg.precision} runs on the fast training path only; "
+                        f"set {section}.train_path=fast")
+
+
+def _check_distill_levers(d: "DistillConfig") -> None:
+    """The fast distillation path's levers (dsdm.distill / dsdm.fastpath read them)."""
+    _one_of("distill.compile", d.compile, SWITCH)
+    _one_of("distill.precision", d.precision, PRECISIONS)
+    _one_of("distill.cache_dtype", d.cache_dtype, CACHE_DTYPES)
+    for key, value, meaning in (("cache_max_mb", d.cache_max_mb, "0 = no cap"), ("forward_chunk", d.forward_chunk, "0 = auto"),
+                                ("aug_refresh", d.aug_refresh, "0 = never redraw")):
+        if value < 0:
+            raise DsdmError(f"distill.{key} must be >= 0 ({meaning}), got {value}")
 
 
 SECTIONS = ("data", "zoo", "distill", "eval")
@@ -243,6 +282,46 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "eval.runs": 2, "eval.epochs": 5,
     },
 }
+
+
+# The M x E grid each budget's zoo can afford to pre-train: searches and sweeps draw M and E
+# from it, and one zoo (zoo_covering) serves all of it. Spec grid (Figure 5): M in
+# {1, 5, 10, 20}, E in {1, 5, ..., 30}.
+PAPER_MODELS = (1, 5, 10, 20)
+PAPER_EPOCHS = (1, 5, 10, 15, 20, 25, 30)
+BUDGET_GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "paper": (PAPER_MODELS, PAPER_EPOCHS),
+    "cpu": ((1, 2, 4), (1, 2)),
+    # one zoo (8 models, snapshots 1/2/5/10) serves the E sweep, the M sweep and the λ search
+    "resolve": ((1, 2, 4, 8), (1, 2, 5, 10)),
+    "smoke": ((1, 2), (1,)),
+}
+assert set(BUDGET_GRIDS) == set(BUDGETS)
+
+
+def zoo_covering(models: Iterable[int], epochs: Iterable[int]) -> dict[str, Any]:
+    """Zoo overrides so one pre-training serves every M in `models` and every E in `epochs`:
+    max(M) models, each kept at every snapshot epoch E."""
+    models, epochs = [int(m) for m in models], sorted({int(e) for e in epochs})
+    if not models or not epochs:
+        raise DsdmError("a zoo must cover at least one M and one E")
+    return {"zoo.num_models": max(models), "zoo.snapshots": tuple(epochs)}
+
+
+def parse_set_pairs(pairs: Iterable[str], flag: str = "--set", aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """`KEY=VALUE` strings -> {key: value} (values stay strings; `Config.override` coerces them).
+
+    `aliases` maps short names to dotted keys (`--fix lambda1=50`); a pair without '=' is refused.
+    """
+    aliases = aliases or {}
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            example = next(iter(aliases), "distill.iterations") + "=" + ("50" if aliases else "2000")
+            raise DsdmError(f"{flag} expects KEY=VALUE (e.g. {example}), got '{pair}'")
+        out[aliases.get(key.strip(), key.strip())] = value.strip()
+    return out
 
 
 # Methods that are DSDM's loop with other settings (spec section 5). Coresets need none.

@@ -85,3 +85,11 @@ def check_ipc(dataset: Dataset, ipc: int, per_image: int = 1) -> None:
     if ipc < 1 or ipc * per_image > smallest:
         raise DsdmError(f"ipc={ipc} needs {ipc * per_image} real images per class but the smallest "
                         f"class of '{dataset.name}' has {smallest} in the training split; lower --ipc")
+
+
+def check_ipc_fits(dataset: Dataset, cfg) -> None:
+    """IPC (times the tiles each stored image starts from, for DSDM and DM) fits in the smallest class."""
+    from dsdm.synthetic import tile_grid
+
+    rows, cols = tile_grid(cfg.distill.factor, dataset.kind)
+    check_ipc(dataset, cfg.distill.ipc, per_image=rows * cols if cfg.distill.method in ("dsdm", "dm") else 1)

@@ -43,11 +43,11 @@ from dsdm.config import Config
 from dsdm.coreset import check_ipc
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
-from dsdm.evaluate import match_ops
 from dsdm.fastpath import DrawPool, RealFeatureCache, embed, embed_as_is, embed_chunked
 from dsdm.losses import TERMS, RealSide, dsdm_class_loss, dsdm_losses
 from dsdm.memory import MemoryBank
 from dsdm.io import atomic_torch_save, safe_torch_load
+from dsdm.recipes import match_ops
 from dsdm.synthetic import SyntheticSet, tile_grid
 from dsdm.train import build_model
 from dsdm.zoo import SPEED_LEVERS, ModelZoo, zoo_arch
@@ -69,9 +69,8 @@ COMPILE_AUTO_MIN_ITERATIONS = 1000
 # (instance norm, ReLU, pooling, their backward) run ~1.6x faster on 40-image chunks that stay in
 # cache than on one 400-image batch (measured; docs/benchmarks.md). On GPU: one forward.
 CPU_FORWARD_CHUNK = 40
+# names of distill.cache_dtype (validated by Config.validate) -> torch dtypes
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -134,17 +133,6 @@ def _maybe_compile(fn, enabled: bool):
     return call
 
 
-def _check_options(d) -> None:
-    for key, value, allowed in (("compile", d.compile, COMPILE_MODES), ("precision", d.precision, PRECISIONS),
-                                ("cache_dtype", d.cache_dtype, tuple(CACHE_DTYPES))):
-        if value not in allowed:
-            raise DsdmError(f"distill.{key} must be one of {', '.join(allowed)} (got '{value}')")
-    for key, value, meaning in (("cache_max_mb", d.cache_max_mb, "0 = no cap"), ("forward_chunk", d.forward_chunk, "0 = auto"),
-                                ("aug_refresh", d.aug_refresh, "0 = never redraw")):
-        if value < 0:
-            raise DsdmError(f"distill.{key} must be >= 0 ({meaning}), got {value}")
-
-
 class Distiller:
     """Holds the synthetic set, its optimiser, the memory bank, the draw pool and the RNG;
     `step()` is one iteration of Algorithm 1; `state_dict()` captures all of it for exact resume."""
@@ -162,7 +150,6 @@ class Distiller:
                 raise DsdmError(f"M={d.num_models} is larger than the zoo ({zoo.num_models} models); lower --models or pre-train more")
             if d.pretrain_epochs not in zoo.epochs:
                 raise DsdmError(f"E={d.pretrain_epochs} is not a snapshot of the zoo {zoo.epochs}; pick one of those epochs")
-        _check_options(d)
         self.generator = torch.Generator().manual_seed(d.seed)
         self.grid = tile_grid(d.factor, dataset.kind)
         images, self.labels = init_synthetic(dataset, d.ipc, self.grid, self.generator)
@@ -171,7 +158,7 @@ class Distiller:
         self.arch = zoo.arch if zoo is not None else zoo_arch(cfg.zoo, dataset)
         probe = build_model(self.arch, dataset.channels, dataset.num_classes, dataset.image_size, 0)
         self.bank = MemoryBank(dataset.num_classes, probe.feature_dim, d.alpha, d.warmup, device=self.device)
-        self.ops = match_ops(cfg.eval.protocol, dataset.name, d.factor, d.ipc)  # the protocol's table row
+        self.ops = match_ops(d.match_protocol, dataset.name, d.factor, d.ipc)  # the recipe table's row
         self.embed = embed if d.nchw_input else embed_as_is
         # images per synthetic (and cache-fill) forward of the fast path; 0 = all at once
         self.forward_chunk = d.forward_chunk or (0 if self.device.type == "cuda" else CPU_FORWARD_CHUNK)
@@ -416,12 +403,14 @@ class Distiller:
 def config_mismatch(saved: dict, cfg: Config) -> list[str]:
     """'key: saved -> now' for each setting that would change the trajectory on resume.
 
-    A key the checkpoint lacks (added to Config since) counts as its default value. Of the
-    eval keys only the protocol matters: its table row sets the matching augmentation."""
+    A key the checkpoint lacks (added to Config since) counts as its default value, except
+    distill.match_protocol: before it existed, eval.protocol chose the matching augmentation.
+    No eval key changes the trajectory."""
     now, defaults = cfg.plain(), Config().plain()
+    if "distill.match_protocol" not in saved:
+        saved = {**saved, "distill.match_protocol": saved.get("eval.protocol", defaults["eval.protocol"])}
     return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
-            if (not k.startswith("eval.") or k == "eval.protocol") and k not in RESUMABLE_KEYS
-            and saved.get(k, defaults[k]) != v]
+            if not k.startswith("eval.") and k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
 def revision1_changes(distiller: Distiller) -> list[str]:

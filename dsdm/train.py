@@ -27,13 +27,11 @@ import torch.nn.functional as F
 
 from dsdm.augment import (AugParams, CutMixDraw, apply_cutmix, augment, cutmix, mixed_cross_entropy, nchw,
                           normalize, sample_aug_params, sample_cutmix)
+from dsdm.config import PRECISIONS, SWITCH, TRAIN_PATHS
 from dsdm.errors import DsdmError
 from dsdm.models import get_model
 
-PATHS = ("fast", "baseline")
 MEMORY_FORMATS = ("nchw", "channels_last", "as_is")  # as_is: whatever strides DSA returns (baseline)
-SWITCH = ("on", "off", "auto")
-PRECISIONS = ("fp32", "bf16")
 AUTO_COMPILE_STEPS = 10_000  # compile=auto: ~1 min of compiling pays back only over this many steps (CPU)
 
 
@@ -55,7 +53,7 @@ class TrainRecipe:
     precision: str = "fp32"  # fast path: fp32 | bf16 (autocast forward; not bit-equal to fp32)
 
     def __post_init__(self):
-        for what, value, allowed in (("training path", self.path, PATHS), ("memory format", self.memory_format, MEMORY_FORMATS),
+        for what, value, allowed in (("training path", self.path, TRAIN_PATHS), ("memory format", self.memory_format, MEMORY_FORMATS),
                                      ("training precision", self.precision, PRECISIONS)):
             if value not in allowed:
                 raise DsdmError(f"unknown {what} '{value}'; choose one of: {', '.join(allowed)}")
@@ -70,15 +68,6 @@ def speed_levers(recipe: TrainRecipe, n: int, cfg) -> TrainRecipe:
     steps = recipe.epochs * math.ceil(n / recipe.batch_size)
     on = cfg.compile == "on" or (cfg.compile == "auto" and steps >= AUTO_COMPILE_STEPS)
     return replace(recipe, path=cfg.train_path, compile=on, precision=cfg.precision)
-
-
-def check_levers(cfg, section: str) -> None:
-    """A config section's speed levers (eval or zoo) are valid: a one-line DsdmError before any run."""
-    try:
-        speed_levers(TrainRecipe(epochs=1, batch_size=1, lr=0.1), 1, cfg)
-        stack_networks(cfg.batch_nets, "cpu")
-    except DsdmError as exc:
-        raise DsdmError(f"{section}: {exc}") from None
 
 
 def stack_networks(batch_nets: str, device: torch.device | str) -> bool:

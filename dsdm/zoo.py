@@ -17,14 +17,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from dsdm.augment import Op, ops_for
 from dsdm.config import ZooConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
+from dsdm.recipes import zoo_recipe
 from dsdm.io import atomic_torch_save, atomic_write_text, sha256_file
-from dsdm.train import TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifiers
+from dsdm.train import accuracy, build_model, speed_levers, stack_networks, train_classifiers
 
-PRETRAIN_OPS = (Op.COLOR, Op.CROP)  # spec: colour + crop augmentation, plus CutMix
 # how a zoo is trained, not which zoo (not in zoo_key); precision is in it when not fp32 (bf16 rounds the weights)
 SPEED_LEVERS = ("train_path", "compile", "batch_nets", "group_size")
 PRETRAIN_CALLS = 0  # models pre-trained in this process; Tune trials report it (must stay 0)
@@ -44,12 +43,6 @@ def pretrain_subset(dataset: Dataset, max_per_class: int, seed: int) -> tuple[to
     keep = [idx[torch.randperm(len(idx), generator=g)[:max_per_class]] for idx in dataset.class_indices()]
     keep = torch.cat(keep).sort().values
     return dataset.train_x[keep], dataset.train_y[keep]
-
-
-def zoo_recipe(cfg: ZooConfig, dataset_name: str) -> TrainRecipe:
-    """Pre-training: SGD to max(snapshots) with colour + crop DSA and CutMix."""
-    return TrainRecipe(epochs=max(cfg.snapshots), batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, cutmix_p=cfg.cutmix_p, ops=ops_for(dataset_name, PRETRAIN_OPS))
 
 
 def pretrain_one(dataset: Dataset, cfg: ZooConfig, index: int, device: torch.device | str = "cpu",

@@ -97,3 +97,31 @@ def test_other_invalid_values(key, value):
     with pytest.raises(DsdmError) as err:
         make_config("smoke", {key: value})
     assert "\n" not in str(err.value)
+
+
+def test_parse_set_pairs_is_the_one_key_value_parser():
+    from dsdm.config import parse_set_pairs
+
+    assert parse_set_pairs([" distill.iterations = 20", "eval.archs=convnet3,resnet10"]) == {
+        "distill.iterations": "20", "eval.archs": "convnet3,resnet10"}
+    assert parse_set_pairs(["M=4", "distill.lambda2=0.5"], "--fix", {"M": "distill.num_models"}) == {
+        "distill.num_models": "4", "distill.lambda2": "0.5"}
+    for flag, pairs in (("--set", ["distill.iterations"]), ("--fix", ["=3"])):
+        with pytest.raises(DsdmError, match=f"^{flag} expects KEY=VALUE") as err:
+            parse_set_pairs(pairs, flag)
+        assert "\n" not in str(err.value)
+
+
+def test_zoo_covering_serves_every_m_and_e_of_every_budget_grid():
+    from dsdm.config import BUDGET_GRIDS, BUDGETS, zoo_covering
+
+    assert set(BUDGET_GRIDS) == set(BUDGETS)
+    for budget, (models, epochs) in BUDGET_GRIDS.items():
+        zoo = zoo_covering(models, epochs)
+        for m in models:
+            for e in epochs:
+                cfg = make_config(budget, {**zoo, "distill.num_models": m, "distill.pretrain_epochs": e})
+                assert cfg.distill.num_models <= cfg.zoo.num_models and e in cfg.zoo.snapshots
+    assert zoo_covering([2, 8, 4], [5, 1, 5]) == {"zoo.num_models": 8, "zoo.snapshots": (1, 5)}
+    with pytest.raises(DsdmError):
+        zoo_covering([], [1])

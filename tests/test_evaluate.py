@@ -9,9 +9,8 @@ import torch
 import dsdm.evaluate as ev
 from dsdm.config import EvalConfig
 from dsdm.coreset import select_coreset
-from dsdm.errors import DsdmError
-from dsdm.evaluate import (OFFICIAL_RECIPES, PROTOCOLS, evaluate_set, get_protocol, match_ops, merge_results,
-                           official_recipe, train_and_score)
+from dsdm.evaluate import evaluate_set, merge_results, train_and_score
+from dsdm.recipes import get_protocol
 from dsdm.train import accuracy
 
 CFG = EvalConfig(archs=("convnet3", "resnet10"), runs=2, epochs=2, seed=3)
@@ -56,24 +55,6 @@ def test_runs_evaluated_apart_merge_to_the_same_result(results, coreset, digits)
             assert merged[arch][key] == pytest.approx(results[arch][key]), (arch, key)
 
 
-def test_protocol_recipe_scales_milestones():
-    dsdm = get_protocol("dsdm")
-    full = dsdm.recipe("cifar10")
-    assert (full.epochs, full.milestones, full.batch_size, full.gamma, full.cutmix_p) == (1500, (1000, 1250), 64, 0.2, 0.5)
-    assert dsdm.recipe("cifar10", 15).milestones == (10, 12)  # 2/3 and 5/6 of the epochs
-    assert dsdm.recipe("cifar10", 150).milestones == (100, 125)
-    assert dsdm.recipe("digits", 1).milestones == (1,)
-    dm = get_protocol("dm")
-    assert dm.recipe("cifar10").milestones == (500,) and dm.recipe("cifar10", 10).milestones == (5,)
-    assert (dm.recipe("cifar10").batch_size, dm.recipe("cifar10").cutmix_p) == (256, 0.0)
-    # evaluation augmentation drops flip on digit data only
-    assert "flip" in [o.value for o in dsdm.recipe("cifar10").ops]
-    assert "flip" not in [o.value for o in dsdm.recipe("mnist").ops]
-    assert set(PROTOCOLS) == {"dsdm", "dsdm-uniform", "dm"}
-    with pytest.raises(DsdmError, match="protocol"):
-        get_protocol("best")
-
-
 def test_reported_accuracy_is_the_final_model(coreset, digits, monkeypatch):
     """Record every network evaluate_set trains; the reported numbers are those final weights' scores."""
     finals, epochs_seen = [], []
@@ -115,53 +96,6 @@ def test_decoded_set_is_what_gets_trained(digits, monkeypatch):
 
 
 # --- the per-dataset recipe of protocol `dsdm` ----------------------------------------------------
-
-# (dataset, factor, ipc) -> (CutMix p, evaluation DSA ops, matching ops), as the official DSDM code
-# (Li-Hongcheng/DSDM argument.py + misc/reproduce.py under --reproduce) sets them.
-PINNED = {
-    ("mnist", 2, 10): (0.0, "color_crop_scale_rotate", "color_crop"),
-    ("mnist", 4, 1): (0.0, "color_crop_scale_rotate", "color_crop"),
-    ("mnist", 1, 10): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
-    ("digits", 2, 10): (0.0, "color_crop_scale_rotate", "color_crop"),
-    ("digits", 1, 10): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
-    ("fashionmnist", 2, 1): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
-    ("fashionmnist", 1, 10): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
-    ("svhn", 1, 1): (0.0, "color_crop_scale_rotate_cutout", "color_crop_cutout"),
-    ("svhn", 1, 10): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
-    ("svhn", 2, 1): (0.5, "color_crop_scale_rotate", "color_crop_cutout"),
-    ("cifar10", 2, 10): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
-    ("cifar100", 1, 50): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
-    ("speechcommands", 2, 10): (0.0, "", "color_crop_cutout"),
-    ("speechcommands", 1, 1): (0.0, "", "color_crop_cutout"),
-    ("bench", 2, 1): (0.5, "flip_color_crop_scale_rotate", "color_crop_cutout"),
-}
-
-
-def _names(ops) -> str:
-    """Op names in application order (dsdm.augment.Op's declaration order)."""
-    from dsdm.augment import Op
-
-    return "_".join(o.value for o in Op if o in set(ops))
-
-
-@pytest.mark.parametrize("key", list(PINNED), ids=["-".join(map(str, k)) for k in PINNED])
-def test_official_recipe_rows(key):
-    cutmix, dsa, match = PINNED[key]
-    r = official_recipe(*key)
-    assert (r.cutmix_p, _names(r.eval_ops), _names(r.match_ops)) == (cutmix, dsa, match)
-    assert match_ops("dsdm", *key) == r.match_ops
-    uniform = get_protocol("dsdm-uniform").augmentation(*key)  # the recipe tables before 2026-12 used
-    assert uniform.cutmix_p == 0.5 and _names(uniform.match_ops) == "color_crop_cutout"
-
-
-def test_every_row_is_pinned():
-    """A row added to the table needs a line in PINNED (and a look at the official code)."""
-    covered = set()
-    for key in PINNED:
-        covered.add(next(i for i, row in enumerate(OFFICIAL_RECIPES)
-                         if row.matches(key[0].replace("-", ""), key[1], key[2])))
-    assert covered == set(range(len(OFFICIAL_RECIPES)))
-
 
 def _fake_dataset(name: str, kind: str):
     from dsdm.data import Dataset

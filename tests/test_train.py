@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from dsdm.augment import Op, apply_cutmix, cutmix, normalize, sample_cutmix
 from dsdm.config import EvalConfig, ZooConfig, make_config
 from dsdm.errors import DsdmError
-from dsdm.evaluate import evaluate_set, get_protocol
+from dsdm.evaluate import evaluate_set
+from dsdm.recipes import get_protocol
 from dsdm.train import (AUTO_COMPILE_STEPS, TrainRecipe, build_model, plan_epoch, speed_levers, stack_networks,
                         train_classifier, train_classifiers)
 from dsdm.zoo import pretrain_group, pretrain_one
@@ -177,8 +178,8 @@ def test_levers_are_config_values():
 def test_precision_is_a_validated_config_key():
     """Checked when the config is made (before any run), one line naming the section and the fix."""
     assert make_config("smoke", {"eval.precision": "bf16", "zoo.precision": "bf16"}).eval.precision == "bf16"
-    for overrides, match in (({"eval.precision": "fp16"}, "eval: unknown training precision 'fp16'; choose one of: fp32, bf16"),
-                             ({"zoo.precision": "bf16", "zoo.train_path": "baseline"}, "zoo: precision=bf16 runs on the fast")):
+    for overrides, match in (({"eval.precision": "fp16"}, r"eval.precision must be one of fp32, bf16 \(got 'fp16'\)"),
+                             ({"zoo.precision": "bf16", "zoo.train_path": "baseline"}, "zoo.precision=bf16 runs on the fast training path only; set zoo.train_path=fast")):
         with pytest.raises(DsdmError, match=match) as err:
             make_config("smoke", overrides)
         assert "\n" not in str(err.value)

@@ -131,11 +131,12 @@ def open_experiment(cfg: Config, runner: Runner, name: str, *, prog: str, trials
         quiet_mlflow()
         check_reachable(uri)
         preflight.check_ray_address(runner.address)
-        from dsdm.data import load_dataset  # torch: the first expensive import
+        from dsdm.coreset import check_ipc_fits  # torch: the first expensive imports
+        from dsdm.data import load_dataset
 
         dataset = load_dataset(cfg.data.dataset, cfg.data.root or None, cfg.data.offline, cfg.data.val_fraction,
                                cfg.data.seed)
-        preflight.check_ipc_fits(dataset, cfg)
+        check_ipc_fits(dataset, cfg)
         preflight.check_free_space(storage.local, preflight.space_needed(cfg, dataset, trials, zoo_on_disk=resume))
         preflight.paper_on_cpu_note(cfg.budget, runner.trial_gpus, trials, prog=prog)
         reserve = SpaceReserve(storage.local, name)

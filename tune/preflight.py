@@ -36,11 +36,10 @@ def check_free_space(storage: Path, needed: int) -> None:
 
 def check_fixed(budget: str, fixed: dict[str, str], sets: list[str]) -> None:
     """`--fix M=` / `--fix E=` must be served by the zoo the budget pre-trains (or the zoo `--set` asks for)."""
-    from tune.space import BUDGET_GRIDS
+    from dsdm.config import BUDGET_GRIDS, parse_set_pairs
 
     grid_m, grid_e = BUDGET_GRIDS[budget]
-    zoo_sets = dict(pair.partition("=")[::2] for pair in sets if "=" in pair)
-    zoo_sets = {k.strip(): v.strip() for k, v in zoo_sets.items()}
+    zoo_sets = parse_set_pairs(sets)
 
     def as_int(key: str, flag: str) -> int:
         try:
@@ -96,14 +95,6 @@ def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
         raise DsdmError(f"cannot reach the Ray cluster at '{address}' ({reason}); start it with `ray start --head` "
                         "or `ray up cluster.yaml`, or drop --address to run locally") from None
 
-
-def check_ipc_fits(dataset, cfg: Config) -> None:
-    """IPC (times the tiles each stored image starts from) must fit in the smallest class."""
-    from dsdm.coreset import check_ipc
-    from dsdm.synthetic import tile_grid
-
-    rows, cols = tile_grid(cfg.distill.factor, dataset.kind)
-    check_ipc(dataset, cfg.distill.ipc, per_image=rows * cols if cfg.distill.method in ("dsdm", "dm") else 1)
 
 def paper_on_cpu_note(budget: str, gpus: float, num_samples: int, prog: str = "tune.search") -> None:
     """`--budget paper` is the GPU preset: on a machine without one, say what it costs (one line)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dsdm.cli import HelpFormatter
-from dsdm.config import BUDGETS, Config, make_config
+from dsdm.config import BUDGETS, Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
 from tune.signals import STOP, interrupted_exit
@@ -58,15 +58,11 @@ def base_config(args: argparse.Namespace, space: dict, fixed: dict) -> Config:
         overrides["data.root"] = str(Path(args.data_root).resolve())
     if args.offline:
         overrides["data.offline"] = True
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise DsdmError(f"--set expects KEY=VALUE, got '{pair}'")
-        overrides[key.strip()] = value.strip()
+    overrides.update(parse_set_pairs(args.set))
     overrides.update(fixed)
     models, epochs = zoo_grid(space, fixed)
-    overrides.setdefault("zoo.num_models", models)
-    overrides.setdefault("zoo.snapshots", epochs)
+    for key, value in zoo_covering([models], epochs).items():
+        overrides.setdefault(key, value)
     overrides.setdefault("distill.num_models", models)
     overrides.setdefault("distill.pretrain_epochs", max(epochs))
     return make_config(args.budget, overrides)
@@ -82,15 +78,11 @@ def base_config(args: argparse.Namespace, space: dict, fixed: dict) -> Config:
         overrides["data.root"] = str(Path(args.data_root).resolve())
     if args.offline:
         overrides["data.offline"] = True
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise DsdmError(f"--set expects KEY=VALUE, got '{pair}'")
-        overrides[key.strip()] = value.strip()
+    overrides.update(parse_set_pairs(args.set))
     overrides.update(fixed)
     models, epochs = zoo_grid(space, fixed)
-    overrides.setdefault("zoo.num_models", models)
-    overrides.setdefault("zoo.snapshots", epochs)
+    for key, value in zoo_covering([models], epochs).items():
+        overrides.setdefault(key, value)
     overrides.setdefault("distill.num_models", models)
     overrides.setdefault("distill.pretrain_epochs", max(epochs))
     return make_config(args.budget, overrides)

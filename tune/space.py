@@ -9,20 +9,7 @@ from typing import Any
 
 from ray import tune
 
-from dsdm.errors import DsdmError
-
-# Spec grid (Figure 5): M in {1, 5, 10, 20}, E in {1, 5, ..., 30}.
-PAPER_MODELS = (1, 5, 10, 20)
-PAPER_EPOCHS = (1, 5, 10, 15, 20, 25, 30)
-
-# Grids a budget can afford to pre-train; the search space follows the zoo it can pay for.
-BUDGET_GRIDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "paper": (PAPER_MODELS, PAPER_EPOCHS),
-    "cpu": ((1, 2, 4), (1, 2)),
-    # one zoo (8 models, snapshots 1/2/5/10) serves the E sweep, the M sweep and the λ search
-    "resolve": ((1, 2, 4, 8), (1, 2, 5, 10)),
-    "smoke": ((1, 2), (1,)),
-}
+from dsdm.config import BUDGET_GRIDS, parse_set_pairs
 
 
 def search_space(budget: str, fixed: dict[str, Any] | None = None,
@@ -54,14 +41,11 @@ def zoo_grid(space: dict[str, Any], fixed: dict[str, Any]) -> tuple[int, tuple[i
     return max(values("distill.num_models")), tuple(sorted(set(values("distill.pretrain_epochs"))))
 
 
+# --fix accepts these short names beside the dotted keys
+FIX_ALIASES = {"lambda1": "distill.lambda1", "lambda2": "distill.lambda2", "M": "distill.num_models",
+               "models": "distill.num_models", "E": "distill.pretrain_epochs", "epochs": "distill.pretrain_epochs"}
+
+
 def parse_fixed(pairs: list[str]) -> dict[str, str]:
     """`--fix lambda1=50 distill.lambda2=0.2` -> {'distill.lambda1': '50', ...}."""
-    short = {"lambda1": "distill.lambda1", "lambda2": "distill.lambda2", "M": "distill.num_models",
-             "models": "distill.num_models", "E": "distill.pretrain_epochs", "epochs": "distill.pretrain_epochs"}
-    fixed = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise DsdmError(f"--fix expects KEY=VALUE (e.g. lambda1=50), got '{pair}'")
-        fixed[short.get(key.strip(), key.strip())] = value.strip()
-    return fixed
+    return parse_set_pairs(pairs, "--fix", FIX_ALIASES)
