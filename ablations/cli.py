@@ -12,7 +12,7 @@ from typing import Any, Callable
 from dsdm.cli import HelpFormatter
 from dsdm.config import BUDGETS
 from dsdm.errors import DsdmError
-from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags, ray_session
+from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
 from tune.signals import STOP, interrupted_exit
 
 # Distillation seeds a sweep runs when --seeds is not given: paired statistics need >= 2.
@@ -75,16 +75,24 @@ def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParse
 
 @contextlib.contextmanager
 def sweep_session(args: argparse.Namespace):
-    """One Ray session (and so one zoo in the object store) for several sweeps; the checks that
-    need no dataset run first, so bad input is refused before Ray starts."""
-    from tune.preflight import check_data_root
+    """One Ray session (and so one zoo in the object store) for several sweeps: the first sweep
+    starts Ray once its checks passed (ablations.sweep keeps it running), the session stops it.
+    The checks that need no dataset run here first, so bad input is refused before anything starts."""
+    import ray
+
+    from tune.preflight import check_data_root, check_ray_address
     from tune.storage import Storage
 
     runner = Runner.from_args(args)
     check_data_root(args.dataset, args.data_root, args.offline)
     Storage.open(runner.storage, runner.local_dir)
-    with ray_session(runner, after_start=STOP.install):
+    check_ray_address(runner.address)
+    started_outside = ray.is_initialized()
+    try:
         yield
+    finally:
+        if not started_outside and ray.is_initialized():
+            ray.shutdown()
 
 
 def for_each_ipc(args: argparse.Namespace, fn: Callable[[int], Any]) -> list:
