@@ -22,7 +22,7 @@ from dsdm.cli import HelpFormatter
 from dsdm.config import BUDGETS, Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
-from tune.signals import STOP, interrupted_exit
+from tune.signals import STOP, run_command
 
 PROG = "tune.search"
 
@@ -68,37 +68,9 @@ def base_config(args: argparse.Namespace, space: dict, fixed: dict) -> Config:
     return make_config(args.budget, overrides)
 
 
-def base_config(args: argparse.Namespace, space: dict, fixed: dict) -> Config:
-    """Budget + flags; the zoo covers every M and E the space can draw."""
-    from tune.space import zoo_grid
-
-    overrides: dict[str, Any] = {"data.dataset": args.dataset, "distill.ipc": args.ipc,
-                                 "distill.method": "dsdm", "distill.seed": args.seed}
-    if args.data_root:
-        overrides["data.root"] = str(Path(args.data_root).resolve())
-    if args.offline:
-        overrides["data.offline"] = True
-    overrides.update(parse_set_pairs(args.set))
-    overrides.update(fixed)
-    models, epochs = zoo_grid(space, fixed)
-    for key, value in zoo_covering([models], epochs).items():
-        overrides.setdefault(key, value)
-    overrides.setdefault("distill.num_models", models)
-    overrides.setdefault("distill.pretrain_epochs", max(epochs))
-    return make_config(args.budget, overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    STOP.install(PROG)
-    try:
-        run_search(args)
-    except DsdmError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        return interrupted_exit(PROG, exc)
-    return 0
+    return run_command(PROG, lambda: run_search(args))
 
 
 def run_search(args: argparse.Namespace) -> dict:
