@@ -16,7 +16,8 @@ from dsdm.config import EvalConfig
 from dsdm.data import Dataset
 from dsdm.recipes import get_protocol, set_recipe
 from dsdm.synthetic import SyntheticSet
-from dsdm.train import (TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifier,
+from dsdm.models import build_model
+from dsdm.train import (TrainRecipe, accuracy, speed_levers, stack_networks, train_classifier,
                         train_classifiers)
 
 

@@ -13,7 +13,8 @@ from dsdm.config import EvalConfig, ZooConfig, make_config
 from dsdm.errors import DsdmError
 from dsdm.evaluate import evaluate_set
 from dsdm.recipes import get_protocol
-from dsdm.train import (AUTO_COMPILE_STEPS, TrainRecipe, build_model, plan_epoch, speed_levers, stack_networks,
+from dsdm.models import build_model
+from dsdm.train import (AUTO_COMPILE_STEPS, TrainRecipe, plan_epoch, speed_levers, stack_networks,
                         train_classifier, train_classifiers)
 from dsdm.zoo import pretrain_group, pretrain_one
 
