@@ -34,6 +34,8 @@ import pytest
 from helpers import (FINAL_METRICS, ITERATIONS, NAME, REPO, SAMPLES, TINY, finished, last_line, mlflow_runs,
                      reports, run_search, search_env, snapshot)
 
+pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
+
 def seed_corrupt_zoo(storage: Path, digits) -> Path:
     """Pre-train (in this process) the zoo the search will look for, then corrupt one snapshot."""
     from dsdm.zoo import load_or_train_zoo

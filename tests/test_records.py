@@ -19,6 +19,8 @@ from helpers import NAME, TINY, last_line, run_search, search_env, snapshot
 
 from dsdm.errors import DsdmError
 
+pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
+
 REPO = Path(__file__).resolve().parents[1]
 
 
