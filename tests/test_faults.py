@@ -38,12 +38,12 @@ pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
 def seed_corrupt_zoo(storage: Path, digits) -> Path:
     """Pre-train (in this process) the zoo the search will look for, then corrupt one snapshot."""
     from dsdm.zoo import load_or_train_zoo
-    from tune.search import base_config, build_parser
+    from tune.optuna_search import SearchSpec, base_config
     from tune.space import parse_fixed, search_space
 
-    args = build_parser().parse_args(["--dataset", "digits", "--budget", "smoke", *TINY])
-    fixed = parse_fixed(args.fix)
-    cfg = base_config(args, search_space(args.budget, fixed), fixed)
+    spec = SearchSpec(dataset="digits", budget="smoke", sets=tuple(TINY[1::2]))
+    fixed = parse_fixed(spec.fix)
+    cfg = base_config(spec, search_space(spec.budget, fixed), fixed)
     _, folder = load_or_train_zoo(digits, cfg.zoo, storage / "zoos", cfg.data.seed, cfg.data.val_fraction)
     snapshot = folder / "model000_epoch001.pt"
     data = bytearray(snapshot.read_bytes())
