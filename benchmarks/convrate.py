@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from dsdm.evaluate import get_protocol
 from dsdm.inference import score_networks
-from dsdm.train import accuracy, build_model, train_classifier
+from dsdm.models import build_model
+from dsdm.train import accuracy, train_classifier
 
 DATASETS = {"mnist": (1, 28), "cifar10": (3, 32)}  # channels, size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

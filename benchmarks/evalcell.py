@@ -95,7 +95,7 @@ def noise_set(cfg, dataset: Dataset, seed: int = 0) -> SyntheticSet:
 def warm_compile_cache(dataset: Dataset, batch: int, device: str) -> float:
     """Fill the on-disk inductor cache for the scoring graph in a fresh process; its seconds (a cold
     compile when the cache was empty)."""
-    code = ("import dsdm, torch; from dsdm.train import build_model; from dsdm.inference import compiled_forward; "
+    code = ("import dsdm, torch; from dsdm.models import build_model; from dsdm.inference import compiled_forward; "
             f"m = build_model('convnet3', {dataset.channels}, {dataset.num_classes}, {dataset.image_size}, 0).to('{device}').eval(); "
             f"x = torch.zeros({batch}, {dataset.channels}, *{dataset.image_size}, device='{device}'); "
             "torch.inference_mode()(compiled_forward())(m, x)")

@@ -14,7 +14,8 @@ from dsdm.errors import DsdmError
 from dsdm.evaluate import evaluate_set, get_protocol
 from dsdm.inference import score_networks, scoring_plan
 from dsdm.phases import PhaseClock
-from dsdm.train import accuracy, build_model, train_classifier
+from dsdm.models import build_model
+from dsdm.train import accuracy, train_classifier
 
 
 @pytest.fixture(scope="module")
