@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from ablations.common import Cell, build_parser, cli, for_each_ipc, run_sweep
+from ablations.cli import build_parser, cli, for_each_ipc
+from ablations.sweep import Cell, run_sweep
 from ablations.stats import EffectSpec
 
 ROWS = [

@@ -2,7 +2,7 @@
 ConvNet-3, ResNet-10 and DenseNet-121.
 
 The DSDM cells run as a Tune grid (seeds); every finished set is then evaluated on the other
-architectures as Ray tasks, one per network (tune.trainable.cross_arch_refs, as tune.search does for its best
+architectures as Ray tasks, one per network (tune/cross_arch.py, as tune.search does for its best
 trial) and recorded in the trial's MLflow run. A resumed sweep skips sets already evaluated.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import sys
 
-from ablations.common import Cell, build_parser, cli, parse_ints, parse_seeds, ray_session, run_sweep
+from ablations.cli import build_parser, cli, parse_ints, parse_seeds, sweep_session
+from ablations.sweep import Cell, run_sweep
 from ablations.report import PAPER_NAMES, write_pivot
 
 OTHER_ARCHS = ("resnet10", "densenet121")
@@ -19,45 +20,31 @@ PAPER = {"convnet3": {10: 66.5, 50: 75.8}, "resnet10": {10: 63.7, 50: 70.8}, "de
 
 
 def evaluate_other_archs(out, args) -> dict[str, list[tuple[float, float, int]]]:
-    """{arch: [(mean, std, nets) per trial]}: ConvNet-3 from the trials, the others as Ray tasks."""
-    import ray
-
-    from dsdm.evaluate import merge_results
-    from tune import tracking
-    from tune.trainable import cross_arch_refs
+    """{arch: [(mean, std, nets) per trial]}: ConvNet-3 from the trials, the others as Ray tasks
+    (tune.cross_arch, the search's driver), each recorded in its trial's run of THIS sweep."""
+    from tune import cross_arch as xa
     from tune.zoo import put_dataset
 
     done = out.trials[out.trials["status"] == "DONE"]
     per_arch = {"convnet3": [(r["test_acc"], r["test_std"], len(r["test_runs"])) for _, r in done.iterrows()]}
-    ml = out.mlflow
-    previous = tracking.cross_arch_results(ml["uri"], ml["experiment_id"], ml["search_id"], OTHER_ARCHS)
-    data_ref = put_dataset(out.dataset)
-    eval_cfg = {k.split(".", 1)[1]: v for k, v in out.cfg.plain().items() if k.startswith("eval.")}
-    tasks = {}
+    previous = out.recorder.cross_arch_results(OTHER_ARCHS)
+    todo = done[~done["trial_id"].isin(previous)]
+    sets = xa.put_sets(out.results, todo["trial_id"])
+    eval_cfg = xa.eval_section(out.cfg)
+    jobs = [xa.CrossArchJob(row["trial_id"], sets[row["trial_id"]], arch,
+                            {**eval_cfg, "archs": [arch], "seed": int(row["seed"])})
+            for _, row in todo.iterrows() for arch in OTHER_ARCHS]
+    results = xa.run_cross_arch(jobs, put_dataset(out.dataset), args.trial_cpus) if jobs else {}
+    xa.record_cross_arch(out.recorder, out.parent_id, results)
     for _, row in done.iterrows():
         for arch in OTHER_ARCHS:
             if row["trial_id"] in previous:
                 mean, std = previous[row["trial_id"]][arch]
                 per_arch.setdefault(arch, []).append((mean, std, out.cfg.eval.runs))
-                continue
-            task_cfg = {**eval_cfg, "archs": [arch], "seed": int(row["seed"])}
-            tasks[(row["trial_id"], arch)] = cross_arch_refs(row["set_path"], data_ref, task_cfg, args.trial_cpus)
-    for (trial_id, arch), refs in tasks.items():
-        result = merge_results(ray.get(refs))
-        r = result[arch]
-        per_arch.setdefault(arch, []).append((r["mean"], r["std"], len(r["runs"])))
-        record_other_arch(ml, trial_id, result)
+            else:
+                r = results[row["trial_id"]][arch]
+                per_arch.setdefault(arch, []).append((r["mean"], r["std"], len(r["runs"])))
     return per_arch
-
-
-def record_other_arch(ml: dict, trial_id: str, result: dict) -> str:
-    """Log a set's evaluation on another architecture into its trial's run of THIS sweep (found by
-    search id + trial id: another sweep in the experiment may have a trial with the same id)."""
-    from tune import tracking
-
-    run_id, _ = tracking.trial_run(ml["uri"], ml["experiment_id"], ml["search_id"], trial_id, ml["parent"])
-    tracking.log_metrics(ml["uri"], run_id, tracking.eval_metrics(result))
-    return run_id
 
 
 def pooled(parts: list[tuple[float, float, int]]) -> tuple[float, float, int]:
@@ -74,7 +61,7 @@ def run(args):
     ipcs = parse_ints(args.ipc, "--ipc")
     rows, outputs = [], {}
     setting = PAPER_NAMES.get(args.dataset, args.dataset)
-    with ray_session(args):
+    with sweep_session(args):
         for ipc in ipcs:
             paper = {"DSDM": PAPER["convnet3"].get(ipc)} if args.dataset == "cifar10" else {}
             out = run_sweep("cross_arch", [Cell("DSDM", {"distill.method": "dsdm"}, group="DSDM")], args,

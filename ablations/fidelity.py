@@ -25,10 +25,12 @@ import math
 import sys
 from pathlib import Path
 
-from ablations.common import Cell, build_parser, cell_ids, cli, for_each_ipc, run_sweep
+from ablations.cli import build_parser, cli, for_each_ipc
+from ablations.sweep import Cell, cell_ids, run_sweep
 from ablations.stats import Effect, mean_ci, paired_difference
 from dsdm.config import BUDGETS, DistillConfig
 from dsdm.errors import DsdmError
+from dsdm.io import atomic_write_text
 
 MIN_ITERATIONS = 1000
 EVAL_NETS = 10
@@ -123,8 +125,7 @@ def run(args):
                 f"({e.protocol} protocol, {e.epochs or 'protocol'} epochs), command `{getattr(args, 'command', '')}`.")
         text = head + "\n\n" + body + "\n"
         path = Path(args.results) / "fidelity" / f"{out.cfg.data.dataset}-ipc{ipc}-arms.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_write_text(path, text)
         print(text + f"\narms table: {path}", flush=True)
         return out
 

@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from ablations import common  # noqa: E402
-from ablations.common import Cell, build_parser, cli, common_overrides, for_each_ipc, run_sweep  # noqa: E402
+from ablations.cli import build_parser, cli, for_each_ipc  # noqa: E402
+from ablations.sweep import Cell, common_overrides, run_sweep  # noqa: E402
 from dsdm.config import make_config  # noqa: E402
 
 CELLS = [Cell("DM", {"distill.method": "dm"}, group="method"), Cell("DSDM", {"distill.method": "dsdm"}, group="method")]
@@ -91,19 +91,24 @@ def tsne_figure(feats: dict, path: Path, title: str) -> Path:
 
 
 def make_figures(args, ipc: int) -> dict[str, Path]:
-    from dsdm.synthetic import SyntheticSet
     from dsdm.visualize import save_grid
+    from tune.cross_arch import put_sets
+    from tune.trainable import proxy_epochs_default
 
     base = make_config(args.budget, common_overrides(args, ipc))
     log = base.distill.log_every  # run_trial computes the proxy only at its report iterations
     every = args.proxy_every or max(1, base.distill.iterations // 5)
     every = max(log, -(-every // log) * log) if base.distill.iterations >= log else every
-    proxy_epochs = args.proxy_epochs or common.proxy_epochs_default(base)
+    proxy_epochs = args.proxy_epochs or proxy_epochs_default(base.eval.epochs)
     out = run_sweep("figures", CELLS, args, {}, ipc=ipc, proxy_every=every, proxy_epochs=proxy_epochs)
     stem = Path(args.results) / "figures" / f"{out.cfg.data.dataset}-ipc{ipc}"
+    import ray
+
     done = out.trials[out.trials["status"] == "DONE"].sort_values("seed")
-    sets = {label: SyntheticSet.load(done[done["cell"] == label]["set_path"].iloc[0])
-            for label in ("DM", "DSDM") if (done["cell"] == label).any()}
+    first = {label: done[done["cell"] == label]["trial_id"].iloc[0]
+             for label in ("DM", "DSDM") if (done["cell"] == label).any()}
+    refs = put_sets(out.results, first.values())  # through the storage, as the cross-arch phase reads them
+    sets = {label: ray.get(refs[trial_id]) for label, trial_id in first.items()}
     files = {f"grid-{k.lower()}": save_grid(s, f"{stem}-grid-{k.lower()}.png", class_names=out.dataset.class_names)
              for k, s in sets.items()}
     files["curve"] = accuracy_curves(out, Path(f"{stem}-curve.png"), proxy_epochs)

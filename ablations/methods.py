@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from ablations.common import Cell, build_parser, cli, parse_ints, parse_seeds, ray_session, run_sweep
+from ablations.cli import build_parser, cli, parse_ints, parse_seeds, sweep_session
+from ablations.sweep import Cell, run_sweep
 from ablations.report import PAPER_NAMES, write_pivot
 from dsdm.errors import DsdmError
 
@@ -46,7 +47,7 @@ def run_methods(args, sweep: str, methods: list[str], notes: list[str] | None = 
     grid = cells(methods)  # unknown names fail before Ray starts
     setting = PAPER_NAMES.get(args.dataset, args.dataset)
     outputs = {}
-    with ray_session(args):
+    with sweep_session(args):
         for ipc in ipcs:
             paper = {m: PAPER.get((args.dataset, m), {}).get(ipc) for m in methods}
             outputs[ipc] = run_sweep(sweep, grid, args, {k: v for k, v in paper.items() if v},

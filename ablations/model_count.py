@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from ablations.common import Cell, budget_grid, build_parser, cli, for_each_ipc, run_sweep
+from ablations.cli import build_parser, cli, for_each_ipc
+from ablations.sweep import Cell, budget_grid, run_sweep
 from ablations.stats import EffectSpec
-from tune.space import PAPER_MODELS
+from dsdm.config import PAPER_MODELS
 
 # Figure 5 (CIFAR-10, IPC 50), read off the plot: rises from ~71 and flattens after M = 10.
 PAPER = {1: 71.0, 10: 75.8, 20: 75.8}

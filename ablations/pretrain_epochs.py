@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from ablations.common import Cell, budget_grid, build_parser, cli, for_each_ipc, run_sweep
+from ablations.cli import build_parser, cli, for_each_ipc
+from ablations.sweep import Cell, budget_grid, run_sweep
 from ablations.stats import EffectSpec
-from tune.space import PAPER_EPOCHS
+from dsdm.config import PAPER_EPOCHS
 
 # Figure 5 (CIFAR-10, IPC 50): E -> accuracy
 PAPER = {1: 72.9, 5: 74.3, 10: 74.9, 15: 75.4, 20: 75.8, 25: 75.6, 30: 75.7}

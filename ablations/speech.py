@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ablations.common import build_parser, cli
+from ablations.cli import build_parser, cli
 from ablations.methods import run_methods
 
 METHODS = ["random", "dm", "dsdm"]

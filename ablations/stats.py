@@ -3,7 +3,7 @@
 Pure functions on plain arrays (and, at the end, the pandas glue a sweep table needs).
 
 Design. A sweep is paired: every cell is distilled with the same distillation seeds and each
-set is evaluated with the same evaluation-network seeds (ablations/common.py), so a *unit*
+set is evaluated with the same evaluation-network seeds (ablations/sweep.py), so a *unit*
 is one (distillation seed, evaluation network) pair and `acc[u, c]` is unit u's final-epoch
 test accuracy in cell c. Resampling units jointly across cells (the same rows for every
 cell) keeps the pairing, so the noise cells share cancels in their differences.

@@ -21,13 +21,7 @@ from dsdm.zoo import pretrain_group, pretrain_one
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Stable timing on a shared 2-core box; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def subset(ds, n=150):

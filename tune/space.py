@@ -9,7 +9,7 @@ from typing import Any
 
 from ray import tune
 
-from dsdm.config import BUDGET_GRIDS, PAPER_EPOCHS, PAPER_MODELS, parse_set_pairs  # noqa: F401  (PAPER_*: the sweeps' paper grids)
+from dsdm.config import BUDGET_GRIDS, parse_set_pairs
 
 
 def search_space(budget: str, fixed: dict[str, Any] | None = None,

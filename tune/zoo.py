@@ -15,15 +15,12 @@ finished model is written at once to `<zoo folder>.partial/` (`FinishedModels`),
 interrupted in the zoo phase trains only the models still missing when it is run again (a
 model's seed depends on its index alone). A persisted zoo whose manifest checksums no longer
 match is moved aside and trained again.
-`fault_point` is the switch the fault-injection tests flip (docs/reliability.md).
+Fault points (tune/faults.py) mark where the fault-injection tests strike.
 """
 from __future__ import annotations
 
-import errno
-import json
 import os
 import shutil
-import signal
 import time
 import warnings
 from collections import deque
@@ -40,81 +37,10 @@ from dsdm.data import Dataset
 from dsdm.errors import DsdmError
 from dsdm.io import atomic_torch_save
 from dsdm.zoo import ModelZoo, pretrain_group, zoo_arch, zoo_groups, zoo_key
+from tune.faults import fault_point
 
 TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 MAX_SUBMITS = 3  # times the pool hands one model to an actor before giving up
-
-
-# --- fault injection (tests only; inert unless DSDM_FAULT_* is set) ---------------------------
-FAULT_ENV_PREFIX = "DSDM_FAULT_"
-FAULT_BLOCK_S = 300  # a blocked process gives up (exits) after this long, so no test hangs for ever
-
-
-def fault_env() -> dict[str, str]:
-    """The DSDM_FAULT_* variables of this process (the driver forwards them to Ray workers), plus
-    DSDM_FAULT_DRIVER_PID: where a trial's `SIGINT`/`SIGTERM` action is sent."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FAULT_ENV_PREFIX)}
-    if env:
-        env.setdefault(FAULT_ENV_PREFIX + "DRIVER_PID", str(os.getpid()))
-    return env
-
-
-def fault_point(name: str, where, **context) -> None:
-    """Fire the fault DSDM_FAULT_<NAME>="<where>[@<actions>]" when `where` matches; else nothing.
-
-    Actions, comma-separated, run in order (default `exit`):
-      exit     os._exit(1): the process dies without cleanup, like an OOM kill;
-      raise    a RuntimeError naming the fault (an error inside the trial);
-      enospc   an OSError(ENOSPC) for the path in context["path"], as a full disk raises it;
-      fill     fill the disk for real: write zeros to $DSDM_FAULT_FILL (a file) until it is full;
-      SIGINT / SIGTERM   that signal to the driver (DSDM_FAULT_DRIVER_PID, else this process);
-      block    wait until killed (the driver is stopping; gives up after FAULT_BLOCK_S).
-    Fires once per DSDM_FAULT_DIR: the first process to get here creates <dir>/<name>.fired
-    (O_EXCL) with `context` in it; later processes, including a restarted one, go on.
-    """
-    spec = os.environ.get(FAULT_ENV_PREFIX + name.upper())
-    folder = os.environ.get(FAULT_ENV_PREFIX + "DIR")
-    if spec is None or folder is None:
-        return
-    target, _, actions = spec.partition("@")
-    if target.strip() != str(where):
-        return
-    try:
-        fd = os.open(Path(folder) / f"{name}.fired", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps({"fault": name, "value": where, "pid": os.getpid(), "time": time.time(), **context},
-                            default=str))
-    for action in (actions or "exit").split(","):
-        if action == "exit":
-            os._exit(1)
-        elif action == "raise":
-            raise RuntimeError(f"fault injected at {name}={where}")
-        elif action == "enospc":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(context.get("path", "")))
-        elif action == "fill":
-            fill_disk(Path(os.environ[FAULT_ENV_PREFIX + "FILL"]))
-        elif action in ("SIGINT", "SIGTERM"):
-            os.kill(int(os.environ.get(FAULT_ENV_PREFIX + "DRIVER_PID", os.getpid())), getattr(signal, action))
-        elif action == "block":
-            time.sleep(FAULT_BLOCK_S)
-            os._exit(1)
-        else:
-            raise ValueError(f"unknown fault action '{action}' in {FAULT_ENV_PREFIX}{name.upper()}={spec}")
-
-
-def fill_disk(path: Path) -> None:
-    """Append zeros to `path` until its file system has no byte left (the fault `fill`): 64 KiB
-    blocks, then 512-byte ones for the last partial block."""
-    with open(path, "ab", buffering=0) as fh:
-        for block in (bytes(64 * 1024), bytes(512)):
-            try:
-                while True:
-                    fh.write(block)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
 
 
 # --- dataset through the object store --------------------------------------------------------
