@@ -9,11 +9,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from dsdm.config import BUDGETS, Config, make_config
 from dsdm.errors import DsdmError
+from dsdm.phases import PhaseClock
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -185,16 +185,17 @@ def cmd_distill(args, cfg: Config) -> None:
     d, cache = cfg.distill, args.cache or default_cache()
     _check_ipc(dataset, cfg)  # before a zoo is pre-trained for nothing
     _paper_on_cpu(cfg, device)
-    start = time.time()
+    clock = PhaseClock(device)
     needs_zoo = d.method in ("herding", "kcenter") or (d.method == "dsdm" and d.pretrained)
-    zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
+    with clock.phase("zoo"):
+        zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
     if zoo is not None and zoo.dataset != dataset.name:  # same shapes (mnist/fashionmnist) would run silently
         raise DsdmError(f"zoo '{args.zoo}' was pre-trained on {zoo.dataset}, not {dataset.name}; "
                         f"pass a zoo pre-trained on {dataset.name} or drop --zoo")
-    zoo_seconds = time.time() - start
     if d.method in ("random", "herding", "kcenter"):
         net = zoo.model(0, zoo.epochs[-1], device) if zoo is not None else None
-        synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, config=cfg.plain())
+        with clock.phase("distill"):
+            synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, config=cfg.plain())
     else:
         distiller = Distiller(dataset, cfg, zoo, device)
         checkpoint = args.checkpoint or args.out.with_suffix(args.out.suffix + ".ckpt")
@@ -204,10 +205,12 @@ def cmd_distill(args, cfg: Config) -> None:
             def log(metrics: dict, step: int) -> None:
                 bar.update(step - bar.n)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
-            synset = distiller.run(checkpoint=checkpoint, log=log)
+            with clock.phase("distill"):
+                synset = distiller.run(checkpoint=checkpoint, log=log)
+        clock.carve("distill", "cache_fill", distiller.cache.fill_seconds)
     synset.save(args.out)
     print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
-          f"zoo {zoo_seconds:.1f}s, distill {time.time() - start - zoo_seconds:.1f}s")
+          f"{clock.summary()}")
 
 
 def _check_ipc(dataset, cfg: Config) -> None:
@@ -244,13 +247,16 @@ def cmd_evaluate(args, cfg: Config) -> None:
         label = f"{args.method} ipc{cfg.distill.ipc}"
     _paper_on_cpu(cfg, device)
     e = cfg.eval
-    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar:
-        results = evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1))
+    clock = PhaseClock(device)
+    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar, clock.phase("eval"):
+        results = evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1), clock=clock)
     print(results_table(label, dataset.name, results))
+    print(f"phases: {clock.summary()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"set": label, "dataset": dataset.name, "budget": cfg.budget,
-                                         "config": cfg.plain(), "results": results}, indent=1))
+                                         "config": cfg.plain(), "results": results, "phases": clock.metrics()},
+                                        indent=1))
 
 
 def results_table(label: str, dataset: str, results: dict) -> str:
