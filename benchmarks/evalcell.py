@@ -12,7 +12,7 @@ for the budget's epochs, then scored on the validation and test splits. Paths (e
 
 Cells (`--cells`, default both): `resolve-fashionmnist-ipc1` (5 ConvNet-3s, 300 epochs, the E/M
 sweeps' and Table 4's cell) and `cpu-mnist-ipc10` (3 ConvNet-3s, 50 epochs). The synthetic set is
-`--set FILE` or, without one, uniform noise of the set's shape (stored images x tiles; the cost does
+`--synset FILE` or, without one, uniform noise of the set's shape (stored images x tiles; the cost does
 not depend on the pixels), so no zoo or distillation is needed; the data is read from `--data-root`
 or, where it is absent, replaced by random pixels of the dataset's shape and split sizes.
 
@@ -127,19 +127,19 @@ def run_cell(name: str, args, device) -> dict:
         n = args.score_images
         dataset = replace(dataset, val_x=dataset.val_x[:n], val_y=dataset.val_y[:n], test_x=dataset.test_x[:n],
                           test_y=dataset.test_y[:n])
-    synset = SyntheticSet.load(args.set) if args.set else noise_set(cfg, dataset)
+    synset = SyntheticSet.load(args.synset) if args.synset else noise_set(cfg, dataset)
     paths = ["today", "new"] + (["new_bf16"] if args.bf16 else [])
     out = {"budget": budget, "dataset": ds_name, "ipc": ipc, "nets": cfg.eval.runs, "epochs": cfg.eval.epochs,
            "budget_epochs": full_epochs, "train_images": len(synset.decoded()[1]),
            "score_images": len(dataset.val_y) + len(dataset.test_y), "random_pixels": bool(dataset.info.get("random_pixels")),
-           "set": str(args.set) if args.set else "noise", "threads": torch.get_num_threads(), "device": str(device)}
+           "set": str(args.synset) if args.synset else "noise", "threads": torch.get_num_threads(), "device": str(device)}
     plan = scoring_plan(cfg.eval, device, cfg.eval.runs * out["score_images"])
     if plan["compiled"]:
         out["compile_cache_fill_s"] = warm_compile_cache(dataset, plan["batch_size"], str(device))
         _log(f"{name}: inductor cache filled in {out['compile_cache_fill_s']:.1f} s (subprocess)")
     warm_up(synset, dataset, cfg.eval, device)
     for path in paths:
-        ecfg = replace(cfg.eval, **PATHS[path])
+        ecfg = replace(cfg.eval, **PATHS[path], **(args.new_levers if path != "today" else {}))
         clock = PhaseClock(device)
         load0 = os.getloadavg()[0]
         with clock.phase("eval"):
@@ -200,16 +200,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
                    help="dataset folder (random pixels of the right shape where absent)")
-    p.add_argument("--set", type=Path, help="a distilled set to evaluate (default: noise of the cell's shape)")
+    p.add_argument("--synset", type=Path, help="a distilled set to evaluate (default: noise of the cell's shape)")
     p.add_argument("--nets", type=int, default=0, help="networks per cell (default: the budget's)")
     p.add_argument("--epochs", type=int, default=0, help="epochs per network (default: the budget's; fewer: projected)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a sweep trial's trial_cpus)")
     p.add_argument("--batch-nets", choices=["on", "off", "auto"], help="eval.batch_nets (default auto: stacked on CUDA)")
     p.add_argument("--score-images", type=int, default=0, help="score only the first N val and test images (tests)")
     p.add_argument("--bf16", action="store_true", help="also time new + eval.precision=bf16 (opt-in)")
+    p.add_argument("--set", dest="levers", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="an eval.* setting of the new path(s), e.g. eval.score_batch=64 or eval.compile=on (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--json", type=Path, help='write {"eval_cell": {...}} here')
     args = p.parse_args(argv)
+    try:  # validated as config values: a bad key or value is one line
+        pairs = dict(kv.split("=", 1) for kv in args.levers)
+        if not all(k.startswith("eval.") for k in pairs):
+            raise DsdmError("--set takes eval.* keys only")
+        new = make_config("smoke", pairs).eval
+        args.new_levers = {k[5:]: getattr(new, k[5:]) for k in pairs}
+    except (DsdmError, ValueError) as exc:
+        p.error(f"--set: {exc}")
     bad = [c for c in args.cells.split(",") if c.strip() and c.strip() not in CELLS]
     if bad or min(args.nets, args.epochs, args.threads, args.score_images) < 0:
         p.error(f"--cells takes {', '.join(CELLS)}; --nets, --epochs, --threads >= 0")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dsdm.config import BUDGETS, Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
+from dsdm.phases import PhaseClock
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -201,16 +202,17 @@ def cmd_distill(args, cfg: Config) -> None:
 
     check_ipc_fits(dataset, cfg)  # before a zoo is pre-trained for nothing
     _paper_on_cpu(cfg, device)
-    start = time.time()
+    clock = PhaseClock(device)
     needs_zoo = d.method in ("herding", "kcenter") or (d.method == "dsdm" and d.pretrained)
-    zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
+    with clock.phase("zoo"):
+        zoo = (ModelZoo.load(args.zoo) if args.zoo else _zoo(cfg, dataset, device, cache)) if needs_zoo else None
     if zoo is not None and zoo.dataset != dataset.name:  # same shapes (mnist/fashionmnist) would run silently
         raise DsdmError(f"zoo '{args.zoo}' was pre-trained on {zoo.dataset}, not {dataset.name}; "
                         f"pass a zoo pre-trained on {dataset.name} or drop --zoo")
-    zoo_seconds = time.time() - start
     if d.method in ("random", "herding", "kcenter"):
         net = zoo.model(0, zoo.epochs[-1], device) if zoo is not None else None
-        synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, config=cfg.plain())
+        with clock.phase("distill"):
+            synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, config=cfg.plain())
     else:
         distiller = Distiller(dataset, cfg, zoo, device)
         checkpoint = args.checkpoint or args.out.with_suffix(args.out.suffix + ".ckpt")
@@ -220,18 +222,19 @@ def cmd_distill(args, cfg: Config) -> None:
             def log(metrics: dict, step: int) -> None:
                 bar.update(step - bar.n)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
-            synset = distiller.run(checkpoint=checkpoint, log=log)
+            with clock.phase("distill"):
+                synset = distiller.run(checkpoint=checkpoint, log=log)
+        clock.carve("distill", "cache_fill", distiller.cache.fill_seconds)
     synset.save(args.out)
-    phases = {"zoo": zoo_seconds, "distill": time.time() - start - zoo_seconds}
     print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
-          f"zoo {phases['zoo']:.1f}s, distill {phases['distill']:.1f}s")
+          f"{clock.summary()}")
     results = None
     if args.evaluate:
-        start = time.time()
-        # the saved file (float16), not the float32 set in memory: the manifest's number is the file's
-        results = _evaluate(SyntheticSet.load(args.out), dataset, cfg, device)
-        phases["evaluate"] = time.time() - start
+        with clock.phase("evaluate"):
+            # the saved file (float16), not the float32 set in memory: the manifest's number is the file's
+            results = _evaluate(SyntheticSet.load(args.out), dataset, cfg, device)
         print(results_table(args.out.name, dataset.name, results))
+    phases = dict(clock.seconds)
     from dsdm.manifest import write_manifest
 
     key, settings = _zoo_record(zoo, dataset, cfg)
@@ -317,7 +320,8 @@ def cmd_evaluate(args, cfg: Config) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"set": label, "dataset": dataset.name, "budget": cfg.budget,
-                                         "config": cfg.plain(), "results": results}, indent=1))
+                                         "config": cfg.plain(), "results": results, "phases": clock.metrics()},
+                                        indent=1))
 
 
 def results_table(label: str, dataset: str, results: dict) -> str:

@@ -12,9 +12,10 @@ network on it while it is in cache, in inference mode, in batches of `score_batc
 - `stacked` (the default on CUDA): the N networks as one vmapped model over stacked weights, one
   forward per batch for all of them (networks with BatchNorm run one after another).
 
-Eager scoring gives each network the same logits as `accuracy` up to float reassociation (batch
-size changes oneDNN's blocking, not the arithmetic per sample); tests/test_inference.py checks the
-accuracies are equal and the logits agree to float rounding.
+Eager scoring gives each network today's accuracies (tests/test_inference.py); its logits were
+bit-equal to `accuracy`'s in a check on this CPU (batch 64-256 vs 1024) and are tested equal to float
+rounding. Stacked and compiled scoring are equal within float reassociation (logits <= 6e-7 apart
+here); their accuracies are tested equal to today's.
 """
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ from typing import Callable, Sequence
 import torch
 
 from dsdm.augment import normalize
+from dsdm.train import has_batchnorm
 
-CPU_BATCH, CUDA_BATCH = 256, 4096  # score_batch=0: measured on 2 EPYC cores (docs/benchmarks.md)
+# score_batch=0: on CPU, batch 1024 ran ~1.6x slower per image than 64 or 256 (activations leave the
+# caches; docs/benchmarks.md, shared cores); on CUDA large batches keep the GPU busy
+CPU_BATCH, CUDA_BATCH = 256, 4096
 AUTO_COMPILE_FORWARDS = 40_000  # score_compile=auto (CPU): compile once images x networks reaches this
 
 
@@ -35,10 +39,6 @@ def scoring_plan(cfg, device: torch.device | str, forwards: int) -> dict:
     batch = cfg.score_batch or (CUDA_BATCH if cuda else CPU_BATCH)
     compiled = cfg.score_compile == "on" or (cfg.score_compile == "auto" and not cuda and forwards >= AUTO_COMPILE_FORWARDS)
     return {"batch_size": batch, "compiled": compiled, "stacked": cuda}
-
-
-def _has_batchnorm(models) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for net in models for m in net.modules())
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def score_networks(models: Sequence[torch.nn.Module], splits: dict[str, tuple[to
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
-    stacked = stacked and len(models) > 1 and not _has_batchnorm(models)
+    stacked = stacked and len(models) > 1 and not any(has_batchnorm(m) for m in models)
     forward = compiled_forward() if compiled else _forward
     together = _stacked_forward(models) if stacked else None
     out: list[dict[str, float]] = [{} for _ in models]

@@ -10,7 +10,8 @@
 
 Peak resident memory comes from `getrusage` (the process's high-water mark: it only grows, so
 the value recorded at the end of a phase is the peak of the process up to then). Peak CUDA
-memory is per phase: the allocator's peak is reset when a phase starts.
+memory is per phase: the allocator's peak is reset when a phase starts. torch is imported only
+for a CUDA device, so the CLI stays quick to start.
 """
 from __future__ import annotations
 
@@ -18,9 +19,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
-
-import torch
+from typing import Any, Iterator
 
 PHASES = ("zoo", "cache_fill", "distill", "eval")  # the phases a trial record carries, in order
 
@@ -34,19 +33,21 @@ def peak_rss_mb() -> float:
 class PhaseClock:
     """Wall seconds per phase (summed when a phase is entered again) and memory high-water marks."""
 
-    def __init__(self, device: torch.device | str | None = None):
-        self.device = torch.device(device) if device is not None else None
+    def __init__(self, device: Any = None):  # a torch.device, "cpu", "cuda:0" or None
+        self.device = device
         self.seconds: dict[str, float] = {}
         self.rss_mb: dict[str, float] = {}  # process peak RSS at the end of each phase
         self.cuda_mb: dict[str, float] = {}  # peak CUDA memory allocated within each phase
 
     @property
     def cuda(self) -> bool:
-        return self.device is not None and self.device.type == "cuda"
+        return str(self.device).startswith("cuda")
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         if self.cuda:
+            import torch
+
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
@@ -54,6 +55,8 @@ class PhaseClock:
             yield
         finally:
             if self.cuda:
+                import torch
+
                 torch.cuda.synchronize(self.device)
                 self.cuda_mb[name] = max(self.cuda_mb.get(name, 0.0),
                                          torch.cuda.max_memory_allocated(self.device) / 2**20)

@@ -57,11 +57,15 @@ def test_evaluate_distill_evaluate_show(tmp_path):
     assert report["dataset"] == "digits" and report["budget"] == "smoke"
     assert report["config"]["distill.ipc"] == 2 and report["config"]["eval.runs"] == 2
     assert "| random ipc2 | digits | convnet3 |" in first["coreset"].stdout
+    phases = report["phases"]  # seconds per phase and peak memory (dsdm.phases.PhaseClock)
+    assert set(phases) == {"phase_seconds/eval", "phase_seconds/eval_train", "phase_seconds/eval_score", "peak_rss_mb"}
+    assert phases["phase_seconds/eval"] >= phases["phase_seconds/eval_train"] > 0 and phases["peak_rss_mb"] > 50
 
     ok(first["distill"])
     assert (tmp_path / "f.pt").is_file() and (tmp_path / "f.pt.ckpt").is_file()
     assert list((tmp_path / "cache" / "zoos").iterdir()), "the zoo went to DSDM_CACHE"
     assert "wrote f.pt: 20 stored images (2 per class, tiles (2, 2))" in first["distill"].stdout
+    assert all(f"{phase} " in first["distill"].stdout for phase in ("zoo", "distill", "cache_fill", "peak RSS"))
 
     second = run_all({
         "evaluate": ["evaluate", "f.pt", "--budget", "smoke", "--epochs", "2", "--runs", "2"],
