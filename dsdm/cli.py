@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from dsdm.config import BUDGETS, Config, make_config, parse_set_pairs, zoo_covering
@@ -230,9 +229,8 @@ def cmd_distill(args, cfg: Config) -> None:
           f"{clock.summary()}")
     results = None
     if args.evaluate:
-        with clock.phase("evaluate"):
-            # the saved file (float16), not the float32 set in memory: the manifest's number is the file's
-            results = _evaluate(SyntheticSet.load(args.out), dataset, cfg, device)
+        # the saved file (float16), not the float32 set in memory: the manifest's number is the file's
+        results = _evaluate(SyntheticSet.load(args.out), dataset, cfg, device, clock)
         print(results_table(args.out.name, dataset.name, results))
     phases = dict(clock.seconds)
     from dsdm.manifest import write_manifest
@@ -261,14 +259,15 @@ def _command(args) -> str:
     return "python -m dsdm " + shlex.join(args.argv)
 
 
-def _evaluate(synset, dataset, cfg: Config, device) -> dict:
+def _evaluate(synset, dataset, cfg: Config, device, clock: PhaseClock) -> dict:
+    """Train and score the evaluation networks, timed on `clock` (phase `evaluate`: training and scoring)."""
     from tqdm import tqdm
 
     from dsdm.evaluate import evaluate_set
 
     e = cfg.eval
-    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar:
-        return evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1))
+    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar, clock.phase("evaluate"):
+        return evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1), clock=clock)
 
 
 def cmd_evaluate(args, cfg: Config) -> None:
@@ -303,19 +302,20 @@ def cmd_evaluate(args, cfg: Config) -> None:
         print(f"dsdm: note: this evaluation differs from the one in the manifest "
               f"({'; '.join(mf.recipe_differences(recorded, cfg.plain()))}); to re-check its number, pass the "
               f"budget and flags of its command: {recorded.get('command') or 'see the manifest'}", file=sys.stderr, flush=True)
-    start = time.time()
-    results = _evaluate(synset, dataset, cfg, device)
+    clock = PhaseClock(device)
+    results = _evaluate(synset, dataset, cfg, device, clock)
     print(results_table(label, dataset.name, results))
+    print(f"phases: {clock.summary()}")
     if recorded is not None:
         from dsdm.io import sha256_file
 
         print("\n".join(mf.compare(recorded, sha256_file(args.file), cfg.plain(), results)))
     if args.record:
         if recorded is None:
-            path = mf.write_manifest(args.file, synset.config, results, {"evaluate": time.time() - start},
+            path = mf.write_manifest(args.file, synset.config, results, dict(clock.seconds),
                                      device=device, class_names=dataset.class_names, eval_cfg=cfg.plain())
         else:
-            path = mf.record_evaluation(args.file, cfg.plain(), results, time.time() - start)
+            path = mf.record_evaluation(args.file, cfg.plain(), results, clock.seconds["evaluate"])
         print(f"recorded in {path}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
