@@ -260,13 +260,13 @@ def _command(args) -> str:
 
 
 def _evaluate(synset, dataset, cfg: Config, device, clock: PhaseClock) -> dict:
-    """Train and score the evaluation networks, timed on `clock` (phase `evaluate`: training and scoring)."""
+    """Train and score the evaluation networks, timed on `clock` (phase `eval`: training and scoring)."""
     from tqdm import tqdm
 
     from dsdm.evaluate import evaluate_set
 
     e = cfg.eval
-    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar, clock.phase("evaluate"):
+    with tqdm(total=len(e.archs) * e.runs, desc="evaluate (networks)", unit="net") as bar, clock.phase("eval"):
         return evaluate_set(synset, dataset, e, device, on_run=lambda arch, run, s: bar.update(1), clock=clock)
 
 
@@ -315,7 +315,7 @@ def cmd_evaluate(args, cfg: Config) -> None:
             path = mf.write_manifest(args.file, synset.config, results, dict(clock.seconds),
                                      device=device, class_names=dataset.class_names, eval_cfg=cfg.plain())
         else:
-            path = mf.record_evaluation(args.file, cfg.plain(), results, clock.seconds["evaluate"])
+            path = mf.record_evaluation(args.file, cfg.plain(), results, clock.seconds["eval"])
         print(f"recorded in {path}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -261,7 +261,7 @@ def record_evaluation(set_path: str | Path, cfg: dict[str, Any], results: dict[s
     path = manifest_path(set_path)
     manifest = read_manifest(path)
     manifest["evaluation"] = evaluation_record(SyntheticSet.load(set_path), cfg, results)
-    manifest["phases"]["evaluate"] = float(seconds)
+    manifest["phases"]["eval"] = float(seconds)
     return save_manifest(manifest, path)
 
 

@@ -134,7 +134,7 @@ def test_record_export_and_evaluation_update_the_manifest_atomically(tmp_path):
     mf.record_evaluation(path, cfg, fake_results(), 12.5)
     m = mf.read_manifest(mf.manifest_path(path))
     assert m["exports"] == {"npz": {"path": "out/x.npz", "sha256": "a" * 64}}
-    assert m["phases"]["evaluate"] == 12.5 and m["evaluation"]["results"]["convnet3"]["test"]["mean"] == 82.0
+    assert m["phases"]["eval"] == 12.5 and m["evaluation"]["results"]["convnet3"]["test"]["mean"] == 82.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.manifest.json", "s.pt"]  # no temp files
 
 
@@ -164,7 +164,7 @@ def test_distill_evaluate_export_run_without_ray_mlflow_optuna_or_jsonschema(tmp
     assert "wrote s.manifest.json" in r.stdout
     m = json.loads((tmp_path / "s.manifest.json").read_text())
     assert m["command"] == "python -m dsdm distill --dataset digits --budget smoke --ipc 1 --evaluate --out s.pt"
-    assert set(m["phases"]) == {"zoo", "distill", "evaluate"} and m["zoo"]["key"].startswith("digits-")
+    assert {"zoo", "distill", "cache_fill", "eval"} <= set(m["phases"]) and m["zoo"]["key"].startswith("digits-")
     r = run("evaluate", "s.pt", "--budget", "smoke")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "convnet3: agree" in r.stdout and "2 of 2 networks identical run for run" in r.stdout
