@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dsdm.cli import HelpFormatter
+from dsdm.cli import HelpFormatter, line_buffered
 from dsdm.config import BUDGETS
 from dsdm.errors import DsdmError
+from tune.messages import in_tune_words
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags, ray_session
 from tune.signals import STOP, interrupted_exit
 
@@ -59,6 +60,7 @@ def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParse
         argv: list[str] | None = None) -> int:
     """Parse, run, turn DsdmError into one line + exit code 2 (as every dsdm CLI does)."""
     args = parser.parse_args(argv)
+    line_buffered()
     args.seeds = args.seeds or DEFAULT_SEEDS.get(args.budget, "1")
     args.command = " ".join(["python -m", parser.prog.split()[-1], *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
     prog = parser.prog.split()[-1]
@@ -66,7 +68,7 @@ def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParse
     try:
         run(args)
     except DsdmError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {in_tune_words(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         return interrupted_exit(parser.prog, exc)

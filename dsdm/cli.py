@@ -25,6 +25,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class CheckpointedInterrupt(KeyboardInterrupt):
+    """An interrupt during distillation, which checkpoints (OUT.ckpt): the rerun resumes from there."""
+
+
+def line_buffered() -> None:
+    """Each line out as it is printed, also into a file or a CI log (Python block-buffers a redirected
+    stdout, so progress would arrive minutes late)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("DSDM_CACHE", Path.home() / ".cache" / "dsdm"))
 
@@ -204,7 +216,10 @@ def cmd_distill(args, cfg: Config) -> None:
             def log(metrics: dict, step: int) -> None:
                 bar.update(step - bar.n)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
-            synset = distiller.run(checkpoint=checkpoint, log=log)
+            try:
+                synset = distiller.run(checkpoint=checkpoint, log=log)
+            except KeyboardInterrupt:
+                raise CheckpointedInterrupt from None
     synset.save(args.out)
     print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
           f"zoo {zoo_seconds:.1f}s, distill {time.time() - start - zoo_seconds:.1f}s")
@@ -274,6 +289,7 @@ def _paper_on_cpu(cfg: Config, device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    line_buffered()
     try:
         if args.command == "show":
             cmd_show(args)
@@ -283,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     except DsdmError as exc:
         print(f"dsdm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except CheckpointedInterrupt:
         print("dsdm: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a zoo or an evaluation stopped midway keeps nothing
+        print("dsdm: interrupted before anything was saved; rerun the same command to start again", file=sys.stderr)
         return 130
     return 0

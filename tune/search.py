@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsdm.cli import HelpFormatter
+from dsdm.cli import HelpFormatter, line_buffered
 from dsdm.config import BUDGETS, Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
+from tune.messages import in_tune_words
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
 from tune.signals import STOP, interrupted_exit
 
@@ -90,11 +91,12 @@ def base_config(args: argparse.Namespace, space: dict, fixed: dict) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    line_buffered()
     STOP.install(PROG)
     try:
         run_search(args)
     except DsdmError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {in_tune_words(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         return interrupted_exit(PROG, exc)
@@ -106,7 +108,9 @@ def run_search(args: argparse.Namespace) -> dict:
     from tune.experiment import open_experiment
     from tune.preflight import check_fixed
     from tune.space import parse_fixed, search_space
-    from tune.tables import write_tables
+    from tune.recorder import mlflow_advice
+    from tune.resume import SearchRecord, check_resume, command_of, grow_samples
+    from tune.tables import markdown, write_tables
 
     t0 = time.time()
     # every check that needs no Ray, no MLflow and no dataset first: bad input costs ~1 s and writes nothing
@@ -121,17 +125,33 @@ def run_search(args: argparse.Namespace) -> dict:
     runner = Runner.from_args(args)
     name = args.name or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}-{args.budget}"
 
+    command = command_of(args, fixed, parse_set_pairs(args.set))
+    record: SearchRecord | None = None
+    more_samples: int | None = None
+
     def check(storage, name: str) -> None:
         from ray import tune
 
+        nonlocal record, more_samples
         if not storage.remote and storage.exists(name) and not args.resume:
             raise DsdmError(f"'{storage.uri(name)}' already holds a search; pass --resume to continue it or --name NEW "
                             "for a new one")
         if args.resume and not tune.Tuner.can_restore(storage.uri(name)):
             raise DsdmError(f"nothing to resume at '{storage.uri(name)}'; run without --resume first")
+        if args.resume:
+            # a search from before the record: its id was its path, which stays its id from now on
+            record = SearchRecord.load(storage, name) or SearchRecord(storage.uri(name), {})
+            more_samples = check_resume(record.command, command)
 
     with open_experiment(cfg, runner, name, prog=PROG, trials=args.num_samples, resume=args.resume,
                          data_root=args.data_root, check=check) as exp:
+        if more_samples is not None:
+            grow_samples(exp.storage, name, more_samples)
+            print(f"{PROG}: --resume adds trials: --num-samples {more_samples} "
+                  f"(was {record.command['num_samples']})", flush=True)
+        record = SearchRecord(record.search_id, {**record.command, **command}) if record else SearchRecord.new(command)
+        record.save(exp.storage, name)
+        exp.search_id = record.search_id
         exp.open_parent(f"search-{name}", {**cfg.plain(), "search.num_samples": args.num_samples,
                                            "search.scheduler": args.scheduler,
                                            "search.space": json.dumps(sorted(space))})
@@ -140,17 +160,28 @@ def run_search(args: argparse.Namespace) -> dict:
             tables = exp.storage.local_only()  # with a URI storage, the tables stay in --local-dir
             md, pq = (Path(f) for f in write_tables(table, tables, name))
             if table[table["status"] == "DONE"].empty:  # every trial errored: a failed search
-                raise no_trial_done(exp.storage, name)
+                raise first_trial_error(table) or no_trial_done(exp.storage, name)
             best = table.iloc[0].to_dict()
+            # logged once per number of trials: resuming a finished search adds no second value
             exp.finish({"best_val_acc": best.get("val_acc") or float("nan"),
                         "best_test_acc": best.get("test_acc") or float("nan"),
-                        "search_seconds": time.time() - t0}, [md, pq])
-    print(table.to_markdown(index=False, floatfmt=".4g"))
-    print(f"\nbest (by validation accuracy): {json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")
-    print(f"best distilled set: {best.get('set_path', '')}")
-    print(f"tables: {md} {pq}\nMLflow: mlflow ui --backend-store-uri {exp.mlflow_uri}")
+                        "search_seconds": time.time() - t0}, [md, pq], step=len(table))
+    print(markdown(table))
+    print(f"\nbest (by validation accuracy, a tie to the trial started first): "
+          f"{json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")
+    print(f"best distilled set: {exp.storage.uri(name, best['set_path']) if best.get('set_path') else ''}")
+    print(f"tables: {md} {pq}")
+    print(mlflow_advice(exp.mlflow_uri, exp.recorder.experiment_id))
     print(f"search wall time: {time.time() - t0:.1f}s")
     return {"table": table, "path": md.parent, "zoo": exp.zoo_info, "mlflow_uri": exp.mlflow_uri}
+
+
+def first_trial_error(table) -> DsdmError | None:
+    """A search whose trials all stopped at a deterministic error: the first trial's, in one line."""
+    failed = table[table["error"].astype(bool)].sort_values("trial") if "error" in table else table.iloc[:0]
+    if failed.empty:
+        return None
+    return DsdmError(f"no trial finished; the first trial's error: {failed.iloc[0]['error']}")
 
 
 def make_searcher(args: argparse.Namespace, cfg: Config, slots: int):
@@ -190,7 +221,10 @@ def _tune_and_cross_arch(args: argparse.Namespace, exp, space: dict):
     if args.cross_arch == "none" or done.empty:
         return table
     previous = exp.recorder.cross_arch_results(xa.CROSS_ARCHS, prefix=XARCH)
+    # the table runs best first, a tie to the trial started first: a resume picks the same best trial
     chosen = [t for t in (done if args.cross_arch == "all" else done.head(1))["trial_id"] if t not in previous]
+    if not chosen:  # a resumed search whose evaluation is recorded: nothing is redone
+        return _with_cross_arch(table, previous)
     sets = xa.put_sets(results, chosen)
     # a test deletes the trials' checkpoint folders here: the phase reads nothing from them
     fault_point("before_cross_arch", 1, paths=[str(Path(r.checkpoint.path).parent) for r in results
@@ -199,10 +233,16 @@ def _tune_and_cross_arch(args: argparse.Namespace, exp, space: dict):
     jobs = [xa.CrossArchJob(trial_id, sets[trial_id], arch,
                             {**eval_cfg, "archs": [arch], "runs": runs + 2 if arch == "convnet3" else runs})
             for arch in xa.CROSS_ARCHS for trial_id in chosen]  # "ConvNet-3 with more runs"
+    started = xa.phase_started(exp.parent)
     cross = xa.run_cross_arch(jobs, exp.data_ref, exp.runner.trial_cpus, progress=lambda line: print(line, flush=True))
-    xa.record_cross_arch(exp.recorder, exp.parent.run_id, cross, prefix=XARCH)
-    for trial_id, res in {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
-                                         for t, v in cross.items()}}.items():
+    xa.record_cross_arch(exp.recorder, exp.parent.run_id, cross, prefix=XARCH, started=started)
+    return _with_cross_arch(table, {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
+                                                   for t, v in cross.items()}})
+
+
+def _with_cross_arch(table, results: dict):
+    """The table with one `xarch/<arch>` column per architecture: "mean ± std" where evaluated, else empty."""
+    for trial_id, res in results.items():
         for arch, (mean, std) in res.items():
             table.loc[table["trial_id"] == trial_id, f"{XARCH}{arch}"] = f"{mean:.2f} ± {std:.2f}"
     return table
