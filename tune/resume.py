@@ -89,5 +89,18 @@ def grow_samples(storage, name: str, num_samples: int) -> None:
     newest = max(states)  # Tune reads the newest by name (its session's timestamp)
     state = cloudpickle.loads(storage.read_bytes(name, newest))
     state["total_samples"], state["finished"] = num_samples, False
+    _point_at(state["experiment"], storage)
     storage.write_bytes(cloudpickle.dumps(state), name, newest)
 
+
+
+def _point_at(experiment, storage) -> None:
+    """New trials are made from the saved experiment, whose storage context still names the folder
+    where the search started: point it at the storage it is resumed from (a moved folder)."""
+    from pathlib import PurePosixPath
+
+    from ray.train._internal.storage import get_fs_and_path  # Ray's own resolution of a path or URI
+
+    filesystem, path = get_fs_and_path(storage.root, None)
+    for context in {id(c): c for c in (experiment.storage, experiment.spec.get("storage")) if c is not None}.values():
+        context.storage_filesystem, context.storage_fs_path = filesystem, PurePosixPath(path).as_posix()

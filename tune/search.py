@@ -22,6 +22,7 @@ from dsdm.cli import HelpFormatter, line_buffered
 from dsdm.config import BUDGETS, Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
 from tune.messages import in_tune_words
+from tune.recorder import XARCH
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
 from tune.signals import STOP, interrupted_exit
 
@@ -203,7 +204,6 @@ def _tune_and_cross_arch(args: argparse.Namespace, exp, space: dict):
     from tune import cross_arch as xa
     from tune.experiment import make_tuner
     from tune.faults import fault_point
-    from tune.recorder import XARCH
     from tune.tables import record_placement, trial_table
     from tune.trainable import run_trial
 
