@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dsdm.cli import HelpFormatter, line_buffered
+from dsdm.cli import HelpFormatter
 from dsdm.config import BUDGETS
 from dsdm.errors import DsdmError
-from tune.messages import in_tune_words
-from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags, ray_session
-from tune.signals import STOP, interrupted_exit
+from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
+from tune.signals import run_command
 
 # Distillation seeds a sweep runs when --seeds is not given: paired statistics need >= 2.
 DEFAULT_SEEDS = {"resolve": "2"}
@@ -60,33 +59,31 @@ def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParse
         argv: list[str] | None = None) -> int:
     """Parse, run, turn DsdmError into one line + exit code 2 (as every dsdm CLI does)."""
     args = parser.parse_args(argv)
-    line_buffered()
     args.seeds = args.seeds or DEFAULT_SEEDS.get(args.budget, "1")
     args.command = " ".join(["python -m", parser.prog.split()[-1], *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
-    prog = parser.prog.split()[-1]
-    STOP.install(prog)  # SIGINT/SIGTERM stop Tune after it saved its state, as in tune.search
-    try:
-        run(args)
-    except DsdmError as exc:
-        print(f"{parser.prog}: error: {in_tune_words(str(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        return interrupted_exit(parser.prog, exc)
-    return 0
+    return run_command(parser.prog, lambda: run(args))
 
 
 @contextlib.contextmanager
 def sweep_session(args: argparse.Namespace):
-    """One Ray session (and so one zoo in the object store) for several sweeps; the checks that
-    need no dataset run first, so bad input is refused before Ray starts."""
-    from tune.preflight import check_data_root
+    """One Ray session (and so one zoo in the object store) for several sweeps: the first sweep
+    starts Ray once its checks passed (ablations.sweep keeps it running), the session stops it.
+    The checks that need no dataset run here first, so bad input is refused before anything starts."""
+    import ray
+
+    from tune.preflight import check_data_root, check_ray_address
     from tune.storage import Storage
 
     runner = Runner.from_args(args)
     check_data_root(args.dataset, args.data_root, args.offline)
     Storage.open(runner.storage, runner.local_dir)
-    with ray_session(runner, after_start=STOP.install):
+    check_ray_address(runner.address)
+    started_outside = ray.is_initialized()
+    try:
         yield
+    finally:
+        if not started_outside and ray.is_initialized():
+            ray.shutdown()
 
 
 def for_each_ipc(args: argparse.Namespace, fn: Callable[[int], Any]) -> list:

@@ -176,7 +176,7 @@ def run_sweep(name: str, cells: list[Cell], args: argparse.Namespace, paper: dic
                                      "sweep.cells": json.dumps(cell_diffs, default=str)[:6000],
                                      **{f"sweep.part{i}.seeds": json.dumps(part["seeds"])  # seeds added by a resume
                                         for i, part in enumerate(parts[1:], 2)}}, tags={"dsdm.sweep": name})
-            with exp.running():
+            with exp.running(keep_ray=True):  # sweep_session stops it
                 # a copied trial has no iteration history: sweeps that plot it (proxy curves) compute every trial
                 options = exp.trial_options(proxy_every, proxy_epochs or None,
                                             reuse=not getattr(args, "fresh", False) and not proxy_every)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ablations import (common, components, cross_arch, figures, lambdas, methods, model_count, pretrain_epochs, speech,
-                       stats)
-from tests.conftest import SHARED
+from ablations import (aggregate, cli, components, cross_arch, figures, lambdas, methods, model_count, pretrain_epochs,
+                       speech, stats, sweep as sweeps)
+from dsdm.config import make_config
+from dsdm.errors import DsdmError
 
 TINY = ["--set", "distill.iterations=2", "--set", "eval.epochs=1", "--set", "eval.runs=1"]
 PAIRED = ["--seeds", "2", "--set", "eval.runs=2"]  # 2 seeds x 2 nets: 4 paired units per cell, CIs defined
@@ -36,25 +37,25 @@ def test_grids_shrink_to_the_budget_zoo():
 
 
 def test_zoo_covers_budget_grid_and_every_cell():
-    cfg, diffs = common.sweep_configs("paper", {"data.dataset": "digits"}, pretrain_epochs.cells("paper"))
+    cfg, diffs = sweeps.sweep_configs("paper", {"data.dataset": "digits"}, pretrain_epochs.cells("paper"))
     assert cfg.zoo.num_models == 20 and cfg.zoo.snapshots == (1, 5, 10, 15, 20, 25, 30)
-    cfg, _ = common.sweep_configs("cpu", {"data.dataset": "digits"}, components.cells())
+    cfg, _ = sweeps.sweep_configs("cpu", {"data.dataset": "digits"}, components.cells())
     assert (cfg.zoo.num_models, cfg.zoo.snapshots) == (4, (1, 2))  # = tune.search's cpu zoo: shared
 
 
 def test_method_presets_reach_the_cells():
-    cfg, diffs = common.sweep_configs("cpu", {"data.dataset": "digits"}, methods.cells(["dm", "dsdm", "dsdm-nosd"]))
+    cfg, diffs = sweeps.sweep_configs("cpu", {"data.dataset": "digits"}, methods.cells(["dm", "dsdm", "dsdm-nosd"]))
     dm = diffs[methods.cells(["dm"])[0].key]
     assert dm["distill.method"] == "dm" and dm["distill.pretrained"] is False and dm["distill.factor"] == 1
     assert "distill.iterations" not in dm  # the budget's iterations win over DM's 20K
     assert diffs[methods.cells(["dsdm"])[0].key] == {}
     assert diffs[methods.cells(["dsdm-nosd"])[0].key] == {"distill.lambda1": 0.0}
-    with pytest.raises(common.DsdmError, match="unknown method"):
+    with pytest.raises(DsdmError, match="unknown method"):
         methods.cells(["bogus"])
 
 
 def test_summary_and_pooled_statistics():
-    s = common.summary([90.0, 92.0, None, float("nan")], "test")
+    s = aggregate.summary([90.0, 92.0, None, float("nan")], "test")
     assert s == {"test_mean": 91.0, "test_std": pytest.approx(math.sqrt(2)), "test_n": 2}
     values = [80.0, 82.0, 90.0, 94.0, 95.0]
     parts = [(81.0, math.sqrt(2), 2), (93.0, math.sqrt(7), 3)]
@@ -68,31 +69,31 @@ def test_resolve_budget_serves_both_sweeps_from_one_zoo():
     assert [c.x for c in model_count.cells("resolve")] == [1, 2, 4, 8]
     assert all(c.overrides["distill.num_models"] == 8 for c in pretrain_epochs.cells("resolve"))
     assert all(c.overrides["distill.pretrain_epochs"] == 10 for c in model_count.cells("resolve"))
-    zoos = {common.sweep_configs("resolve", {"data.dataset": "fashionmnist"}, cells)[0].zoo
+    zoos = {sweeps.sweep_configs("resolve", {"data.dataset": "fashionmnist"}, cells)[0].zoo
             for cells in (pretrain_epochs.cells("resolve"), model_count.cells("resolve"), components.cells(),
                           lambdas.comparison_cells(1.0, 0.5))}
     assert len(zoos) == 1 and zoos.pop().snapshots == (1, 2, 5, 10)
-    cfg = common.make_config("resolve", {"data.dataset": "fashionmnist"})
+    cfg = make_config("resolve", {"data.dataset": "fashionmnist"})
     assert cfg.distill.iterations >= 1000 and cfg.distill.fast and cfg.eval.epochs >= 300
-    seeds = common.parse_seeds(common.DEFAULT_SEEDS["resolve"])
+    seeds = cli.parse_seeds(cli.DEFAULT_SEEDS["resolve"])
     assert cfg.eval.protocol == "dsdm" and len(seeds) >= 2 and cfg.eval.runs * len(seeds) == 10  # nets per cell
 
 
 def test_every_cell_gets_the_same_seeds():
     """The paired design: grid seed s is the distillation and evaluation seed of every cell."""
-    assert common.paired_seeds(3) == {"distill.seed": 3, "eval.seed": 3}
+    assert sweeps.paired_seeds(3) == {"distill.seed": 3, "eval.seed": 3}
     parsed = []
-    common.cli(lambda a: parsed.append(a.seeds), common.build_parser("x", "doc"), ["--budget", "resolve"])
-    common.cli(lambda a: parsed.append(a.seeds), common.build_parser("x", "doc"), ["--budget", "cpu"])
+    cli.cli(lambda a: parsed.append(a.seeds), cli.build_parser("x", "doc"), ["--budget", "resolve"])
+    cli.cli(lambda a: parsed.append(a.seeds), cli.build_parser("x", "doc"), ["--budget", "cpu"])
     assert parsed == ["2", "1"]  # >= 2 distillation seeds by default where the statistics need them
 
 
 def test_seeds_and_ipc_parsing():
-    assert common.parse_seeds("3") == [0, 1, 2]
-    assert common.parse_seeds("4,7") == [4, 7]
-    assert common.parse_ints("1,10", "--ipc") == [1, 10]
-    with pytest.raises(common.DsdmError, match="integers"):
-        common.parse_ints("ten", "--ipc")
+    assert cli.parse_seeds("3") == [0, 1, 2]
+    assert cli.parse_seeds("4,7") == [4, 7]
+    assert cli.parse_ints("1,10", "--ipc") == [1, 10]
+    with pytest.raises(DsdmError, match="integers"):
+        cli.parse_ints("ten", "--ipc")
 
 
 # --- slow: every sweep end to end ----------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_seeds_and_ipc_parsing():
 def ray_two_cpus():
     import ray
 
-    from tune.search import start_ray
+    from tune.runner import start_ray
 
     start_ray(None, 2)
     yield
@@ -265,8 +266,8 @@ def test_figures_smoke(dirs):
 
 
 @pytest.mark.slow
-def test_speech_smoke(dirs):
-    root = SHARED / "spoken_commands"
+def test_speech_smoke(dirs, shared_data):
+    root = shared_data / "spoken_commands"
     if not root.is_dir():
         pytest.skip(f"spoken-commands stand-in not found at {root} (set DSDM_SHARED_DATA)")
     assert sweep(speech, dirs, "--dataset", "speechcommands", "--data-root", str(root), "--ipc", "2",
@@ -373,34 +374,3 @@ def sweep_runs(client, experiment_id: str, name: str):
     parents = [r for r in every if r.data.tags.get("dsdm.sweep") == name]
     assert len(parents) == 1
     return parents[0], [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-
-
-def test_ledger_keeps_the_wall_time_of_an_interrupted_invocation(tmp_path, monkeypatch):
-    """A sweep stopped mid-way (here: before its first trial) still books its wall time (zoo
-    included), and the resumed invocation's table adds it."""
-    from argparse import Namespace
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
-
-    path, seen = tmp_path / "sweep-digits-ipc1-smoke", []
-    monkeypatch.setattr(common, "_run_cells", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        common._tune_cells("sweep", Namespace(resume=False, command="first"), None, path, {}, [0], (0, 0))
-    monkeypatch.setattr(common, "_run_cells", lambda *args: seen.append(common.earlier_wall(args[-1])))
-    common._tune_cells("sweep", Namespace(resume=True, command="second"), None, path, {}, [0], (0, 0))
-    ledger = json.loads(common.ledger(path).read_text())
-    assert [s["command"] for s in ledger] == ["first", "second"]
-    assert all(isinstance(s["wall_s"], float) and s["wall_s"] >= 0 for s in ledger)
-    assert seen == [ledger[0]["wall_s"]]
-
-
-def test_session_of_credits_the_invocation_that_ran_the_trial():
-    # measured: the first invocation ended 0.46 s before the resume started, and Tune stamped the
-    # last trial's report 518 (whole seconds): it belongs to the first, not to the resume
-    ledger = [{"session": 1, "started": 469.94, "wall_s": 48.25}, {"session": 2, "started": 518.65, "wall_s": 0.27}]
-    assert [common.session_of(ledger, t) for t in (470, 507, 518)] == [1, 1, 1]
-    assert common.session_of(ledger, None) is None
-    # spans without wall_s end where the next invocation starts; a later trial goes to the later one
-    old = [{"session": 1, "started": 100.0}, {"session": 2, "started": 200.0}, {"session": 3, "started": 300.0}]
-    assert [common.session_of(old, t) for t in (150, 250, 900)] == [1, 2, 3]

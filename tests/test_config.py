@@ -1,6 +1,9 @@
 """Config: flat view round-trip, string parsing, validation, budget/method precedence."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
 from dsdm.config import BUDGETS, METHOD_PRESETS, Config, DistillConfig, make_config
@@ -125,3 +128,15 @@ def test_zoo_covering_serves_every_m_and_e_of_every_budget_grid():
     assert zoo_covering([2, 8, 4], [5, 1, 5]) == {"zoo.num_models": 8, "zoo.snapshots": (1, 5)}
     with pytest.raises(DsdmError):
         zoo_covering([], [1])
+
+
+@pytest.mark.parametrize("key", ["distill.lambda1", "distill.alpha", "zoo.lr", "data.val_fraction"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", math.inf])
+def test_inf_and_nan_refused_for_every_float_key(key, value):
+    with pytest.raises(DsdmError, match=f"config key '{key}' cannot take .*; pass a finite number"):
+        make_config("smoke", {key: value})
+    section, name = key.split(".")
+    cfg = Config()
+    bad = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: float(value)})})
+    with pytest.raises(DsdmError, match=f"config key '{key}' cannot take .*; pass a finite number"):
+        bad.validate()  # a Config built in code, not parsed from strings

@@ -41,7 +41,7 @@ def test_units_and_rates_from_a_trial_table():
 def test_fidelity_smoke_end_to_end(tmp_path):
     import ray
 
-    from tune.search import start_ray
+    from tune.runner import start_ray
 
     start_ray(None, 2)
     try:

@@ -31,3 +31,68 @@ def test_dsdm_and_a_distillation_run_import_neither_ray_nor_mlflow():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --- imports go one way: dsdm <- tune <- ablations; Ray objects are assembled in one module ----------
+PACKAGES = ("dsdm", "tune", "ablations")
+ORCHESTRATION = ("ray", "optuna", "mlflow")
+# the calls that assemble an experiment out of Ray objects (tune/experiment.py's job)
+ASSEMBLY = {"Tuner", "TuneConfig", "RunConfig", "with_resources", "with_parameters", "init", "start_ray"}
+ASSEMBLERS = {"tune/experiment.py", "tune/runner.py"}  # runner: ray.init for a session
+
+
+def imported_modules(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def called_names(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            out.add(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""))
+    return out
+
+
+def test_imports_go_one_way():
+    for package, allowed in (("dsdm", {"dsdm"}), ("tune", {"dsdm", "tune"}), ("ablations", set(PACKAGES))):
+        for path in sorted((REPO / package).rglob("*.py")):
+            ours = {m.split(".")[0] for m in imported_modules(path)} & set(PACKAGES)
+            assert ours <= allowed, f"{path.relative_to(REPO)} imports {sorted(ours - allowed)}"
+            if package == "dsdm":
+                used = {m.split(".")[0] for m in imported_modules(path)} & set(ORCHESTRATION)
+                assert not used, f"{path.relative_to(REPO)} imports {sorted(used)}"
+
+
+def test_only_the_experiment_module_assembles_ray_objects():
+    for package in ("tune", "ablations"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            where = str(path.relative_to(REPO))
+            if where in ASSEMBLERS:
+                continue
+            assembled = called_names(path) & ASSEMBLY
+            assert not assembled, f"{where} assembles Ray objects itself ({sorted(assembled)}); use tune.experiment"
+
+
+def test_no_sweep_imports_the_search_cli_for_its_machinery():
+    for path in sorted((REPO / "ablations").glob("*.py")):
+        text = path.read_text()
+        assert "from tune.search import" not in text and "import tune.search" not in text, path.name
+
+
+def test_architecture_doc_names_every_module():
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    for package in (*PACKAGES, "benchmarks"):
+        for path in sorted((REPO / package).glob("*.py")):
+            if path.name != "__init__.py" or path.stat().st_size > 200:
+                assert f"`{package}/{path.name}`" in doc, f"docs/ARCHITECTURE.md does not name {package}/{path.name}"

@@ -60,7 +60,6 @@ def _stub_tune(monkeypatch, reports, faults, tracked):
     monkeypatch.setattr(tr.tune, "report", report)
     monkeypatch.setattr(tr.tune.Checkpoint, "from_directory", staticmethod(lambda folder: folder))
     monkeypatch.setattr(tr, "fault_point", lambda name, it, **ctx: faults.append((name, it, ctx)))
-    monkeypatch.setattr(tr.tracking, "log_metrics", lambda uri, run, metrics, step: tracked.append((step, metrics)))
 
 
 def test_cli_and_trainable_report_the_same_windows(digits, tiny_zoo, tmp_path, monkeypatch):
@@ -70,8 +69,9 @@ def test_cli_and_trainable_report_the_same_windows(digits, tiny_zoo, tmp_path, m
     zoo_refs = SimpleNamespace(materialise=lambda m, e: tiny_zoo)
     proxies = []
     monkeypatch.setattr(tr, "proxy_accuracy", lambda dist, c, epochs, device: proxies.append(dist.iteration) or 40.0)
-    distiller, resumed_from = tr.distill_with_checkpoints(cfg, digits, zoo_refs, "cpu", "uri", "run",
-                                                          {"proxy_every": 4, "proxy_epochs": 1})
+    run = SimpleNamespace(log_metrics=lambda metrics, step: tracked.append((step, metrics)), last_step=lambda key: -1)
+    options = tr.TrialOptions(recorder=None, parent_id="p", proxy_every=4, proxy_epochs=1)
+    distiller, resumed_from = tr.distill_with_checkpoints(cfg, digits, zoo_refs, "cpu", run, options)
     assert resumed_from == 0 and distiller.iteration == 7
     steps = [2, 3, 4, 6, 7]  # multiples of log_every=2 or checkpoint_every=3, and the last
     assert [s for s, _ in cli_logs] == steps

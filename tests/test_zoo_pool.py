@@ -11,6 +11,8 @@ import torch
 from dsdm.config import make_config
 from dsdm.zoo import ModelZoo, train_zoo
 
+pytestmark = pytest.mark.slow  # Ray end to end
+
 
 @pytest.fixture()
 def ray_with_fault(tmp_path, monkeypatch):
@@ -18,7 +20,7 @@ def ray_with_fault(tmp_path, monkeypatch):
     starts model 1 dies (os._exit), as an OOM kill would."""
     import ray
 
-    from tune.search import start_ray
+    from tune.runner import start_ray
 
     monkeypatch.setenv("DSDM_FAULT_DIR", str(tmp_path))
     monkeypatch.setenv("DSDM_FAULT_ZOO_KILL_INDEX", "1")
@@ -61,7 +63,7 @@ def assert_same_models_as_one_process(digits, cfg, folder) -> None:
 def test_a_zoo_interrupted_after_two_models_trains_only_the_third_when_run_again(digits, tmp_path, monkeypatch):
     import ray
 
-    from tune.search import start_ray
+    from tune.runner import start_ray
     from tune.zoo import load_or_train_zoo_on_pool, put_dataset
 
     cfg = make_config("smoke", {"data.dataset": "digits", "zoo.num_models": 3}).zoo

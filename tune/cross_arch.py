@@ -3,7 +3,7 @@
 The driver reads each set once from its trial's Tune checkpoint through the checkpoint's own
 filesystem (a folder or a bucket: no path on the node that wrote it is ever opened), puts it in
 the object store, and one task per evaluation network trains on it, so slow architectures
-spread over the CPUs. Results are joined per (trial, architecture) in job order.
+spread over the CPUs. Results are joined per (trial, architecture) in submission order (DenseNet-121 first).
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def run_cross_arch(jobs: list[CrossArchJob], data_ref, trial_cpus: float,
     """{trial id: {arch: merged result}}: one Ray task per network of every job, longest first
     (DenseNet-121); one progress line per network finished."""
     owner: dict = {}  # task ref -> (trial id, arch)
-    for job in sorted(jobs, key=lambda j: j.arch != "densenet121"):
+    jobs = sorted(jobs, key=lambda j: j.arch != "densenet121")
+    for job in jobs:
         for run in range(int(job.eval_cfg["runs"])):
             ref = cross_arch_task.options(num_cpus=trial_cpus).remote(
                 job.set_ref, [data_ref], job.eval_cfg, max(1, int(trial_cpus)), [run])
@@ -83,7 +84,7 @@ def run_cross_arch(jobs: list[CrossArchJob], data_ref, trial_cpus: float,
         progress(f"cross-arch: trial {trial_id} {arch} network done, {results[ready[0]][arch]['runs'][0]:.2f}% "
                  f"test accuracy ({len(results)}/{len(owner)} networks, {time.time() - start:.0f}s elapsed)")
     out: dict[str, dict] = {}
-    for key in dict.fromkeys((j.trial_id, j.arch) for j in jobs):  # job order, not finishing order
+    for key in dict.fromkeys((j.trial_id, j.arch) for j in jobs):  # submission order, not finishing order
         out.setdefault(key[0], {}).update(merge_results([results[r] for r, k in owner.items() if k == key]))
     return out
 

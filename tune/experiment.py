@@ -61,14 +61,14 @@ class Experiment:
         return self.parent
 
     @contextlib.contextmanager
-    def running(self):
-        """Ray (unless the caller started it), the dataset and the zoo in the object store (the
-        zoo trained on the actor pool under the local zoo cache, or reused); an interrupt or an
-        error ends the experiment's open runs KILLED / FAILED."""
+    def running(self, keep_ray: bool = False):
+        """Ray (unless the caller started it; `keep_ray`: left running for an outer session), the
+        dataset and the zoo in the object store (the zoo trained on the actor pool under the local
+        zoo cache, or reused); an interrupt or an error ends the experiment's open runs KILLED / FAILED."""
         from tune.zoo import load_or_train_zoo_on_pool, put_dataset
 
         try:
-            with ray_session(self.runner, after_start=self._after_ray_start):
+            with ray_session(self.runner, after_start=self._after_ray_start, keep=keep_ray):
                 self.data_ref = put_dataset(self.dataset)
                 self.zoo_refs, self.zoo_info = load_or_train_zoo_on_pool(
                     self.dataset, self.data_ref, self.cfg.zoo, self.storage.local, self.cfg.data.seed,

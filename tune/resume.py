@@ -44,12 +44,12 @@ class SearchRecord:
                            record_name(name))
 
 
-def command_of(args, fixed: dict, sets: dict) -> dict:
+def command_of(spec, fixed: dict, sets: dict) -> dict:
     """The flags a record keeps: IDENTITY (with --fix and --set as parsed, so order and aliases do
     not count as differences) and --num-samples."""
-    values = {k: getattr(args, k) for k in IDENTITY if k not in ("fix", "set")}
+    values = {k: getattr(spec, k) for k in IDENTITY if k not in ("fix", "set")}
     return {**values, "fix": {k: str(v) for k, v in sorted(fixed.items())},
-            "set": {k: str(v) for k, v in sorted(sets.items())}, "num_samples": args.num_samples}
+            "set": {k: str(v) for k, v in sorted(sets.items())}, "num_samples": spec.num_samples}
 
 
 def flag(dest: str) -> str:

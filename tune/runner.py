@@ -114,9 +114,10 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(runner: Runner, after_start=lambda: None):
+def ray_session(runner: Runner, after_start=lambda: None, keep: bool = False):
     """Ray for this runner, unless the caller already started it; `after_start` runs after a start
-    (ray.init replaces the SIGTERM handler and may set up new log handlers)."""
+    (ray.init replaces the SIGTERM handler and may set up new log handlers). `keep`: leave a Ray
+    started here running (an outer session, such as a sweep over several IPCs, stops it)."""
     import ray
 
     from tune.preflight import check_ray_address
@@ -130,4 +131,5 @@ def ray_session(runner: Runner, after_start=lambda: None):
     try:
         yield
     finally:
-        ray.shutdown()
+        if not keep:
+            ray.shutdown()

@@ -1,9 +1,9 @@
 """Zoo pre-training throughput through the Ray pool: 1 actor vs N actors, threads pinned.
 
-    python -m tune.bench_pool --dataset mnist --data-root ../shared/data --models 4 --max-per-class 100
+    python -m benchmarks.pool --dataset mnist --data-root ../shared/data --models 4 --max-per-class 100
 
-Prints models/minute for each pool size and the speed-up, and appends the table to
-docs/benchmarks.md (or --out). Each actor holds `--actor-cpus` CPUs and pins torch to as
+Prints models/minute for each pool size and the speed-up; with --write-docs the table replaces
+its section of docs/benchmarks.md (or --out). Each actor holds `--actor-cpus` CPUs and pins torch to as
 many threads, so actors do not fight over cores.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import ray
 
 from dsdm.config import ZooConfig
 from dsdm.data import load_dataset
-from tune.search import start_ray
+from benchmarks.docs import replace_section
+from tune.runner import start_ray
 from tune.zoo import put_dataset, train_zoo_on_pool
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--actors", default="1,2", help="pool sizes to compare")
     p.add_argument("--actor-cpus", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--write-docs", action="store_true", help="replace the section in --out with this run's table")
     args = p.parse_args(argv)
 
     dataset = load_dataset(args.dataset, args.data_root, offline=True)
@@ -49,16 +51,16 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         ray.shutdown()
     base = rows[0][2]
-    table = [f"\n## Zoo pre-training through the Ray pool ({platform.node()}, {ray.__version__})\n",
-             f"`python -m tune.bench_pool --dataset {args.dataset} --models {args.models} --epochs {args.epochs} "
+    table = [f"Machine: {platform.node()}, Ray {ray.__version__}\n",
+             f"`python -m benchmarks.pool --dataset {args.dataset} --models {args.models} --epochs {args.epochs} "
              f"--max-per-class {args.max_per_class} --actors {args.actors} --actor-cpus {args.actor_cpus}`\n",
              "| actors | CPUs/actor | seconds | models/min | speed-up vs 1 |", "|---|---|---|---|---|"]
     table += [f"| {n} | {args.actor_cpus} | {s:.1f} | {r:.2f} | {r / base:.2f}x |" for n, s, r in rows]
     text = "\n".join(table) + "\n"
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as fh:
-        fh.write(text)
+    if args.write_docs:
+        replace_section(args.out, ("<!-- pool:begin -->", "<!-- pool:end -->"), text,
+                        "Zoo pre-training through the Ray pool (`python -m benchmarks.pool`)")
 
 
 if __name__ == "__main__":
