@@ -31,7 +31,7 @@ BUDGET_HELP = ("preset of iterations, epochs and zoo size; leaving --budget out 
                "settings, sized for a GPU (hours per run); cpu = minutes on a CPU, resolve = sweeps sized to "
                "resolve their effects on 2 cores (hours), smoke = seconds, numbers meaningless")
 DATASET_HELP = "digits (ships offline), mnist, fashionmnist, svhn, cifar10, cifar100 or speechcommands"
-SET_HELP = "set any config key for this run, e.g. --set distill.lr_img=0.05 (repeatable; the keys are listed below)"
+SET_HELP = "set any config key for this run, e.g. --set distill.lr_img=0.05 (repeatable; the keys are listed below; default: none)"
 
 
 def paragraphs(*texts: str, width: int = 100) -> str:
