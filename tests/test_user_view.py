@@ -272,3 +272,27 @@ def test_resume_with_more_samples_adds_trials(finished, tmp_path):
     assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
     record = json.loads((storage / f"{NAME}.search.json").read_text())
     assert record["command"]["num_samples"] == 4
+
+
+def test_ray_noise_filtered_real_errors_kept():
+    import logging
+
+    from tune.raynoise import quiet_ray
+
+    quiet_ray()
+    quiet_ray()  # idempotent
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    tune_logger = logging.getLogger("ray.tune.tune")
+    tune_logger.addHandler(handler)
+    try:
+        tune_logger.warning("Experiment has been interrupted, but the most recent state was saved.\nResume ...")
+        tune_logger.error("Trial crashed: a real error")
+    finally:
+        tune_logger.removeHandler(handler)
+    assert records == ["Trial crashed: a real error"]

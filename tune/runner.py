@@ -120,11 +120,13 @@ def ray_session(runner: Runner, after_start=lambda: None, keep: bool = False):
     import ray
 
     from tune.preflight import check_ray_address
+    from tune.raynoise import quiet_ray
 
     if ray.is_initialized():
         yield
         return
     check_ray_address(runner.address)  # a dead address: one line in seconds, not ray.init's minute
+    quiet_ray()
     start_ray(runner.address, runner.num_cpus)
     after_start()
     try:
