@@ -96,11 +96,14 @@ def test_mlflow_line_opens_the_runs_table_with_the_venvs_mlflow():
 
     line = mlflow_advice("sqlite:////x/mlflow.db", "7")
     assert line.startswith(f"MLflow: {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:////x/")
-    assert "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning" in line
-    assert "orderByKey=metrics.%60val_acc%60&orderByAsc=false" in line
-    assert mlflow_advice("http://10.0.0.1:5000", "3") == (
-        "MLflow: open http://10.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
-        "&orderByKey=metrics.%60val_acc%60&orderByAsc=false")
+    url = line.split("then open ", 1)[1]
+    assert url.startswith("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning&")
+    # MLflow 3.17 honours the sort only with every facet in the URL
+    for facet in ("searchFilter=", "orderByKey=metrics.%60val_acc%60", "orderByAsc=false", "startTime=ALL",
+                  "lifecycleFilter=Active", "modelVersionFilter=All%20Runs", "datasetsFilter="):
+        assert f"&{facet}" in url or f"?{facet}" in url, facet
+    assert mlflow_advice("http://10.0.0.1:5000", "3").startswith(
+        "MLflow: open http://10.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&")
 
 
 def test_zoo_lock_makes_a_second_search_wait(tmp_path):
@@ -232,7 +235,7 @@ def test_search_prints_the_runs_table_url(finished):
     storage, proc = finished
     c = client(storage)
     exp_id = c.get_experiment_by_name("dsdm-digits-ipc10").experiment_id
-    assert f"#/experiments/{exp_id}?workflowType=machine_learning" in proc.stdout
+    assert f"#/experiments/{exp_id}/runs?workflowType=machine_learning" in proc.stdout
     assert f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:///{storage}" in proc.stdout
 
 
@@ -296,3 +299,14 @@ def test_ray_noise_filtered_real_errors_kept():
     finally:
         tune_logger.removeHandler(handler)
     assert records == ["Trial crashed: a real error"]
+
+
+@pytest.mark.slow
+def test_parent_run_has_a_csv_table_mlflow_previews_whole(finished):
+    storage, _ = finished
+    (parent,), trials = runs(storage)
+    names = {a.path for a in client(storage).list_artifacts(parent.info.run_id)}
+    assert {"trials.md", "trials.parquet", "trials.csv"} <= names
+    import pandas as pd
+
+    assert len(pd.read_csv(storage / NAME / "trials.csv")) == len(trials)

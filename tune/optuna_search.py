@@ -117,14 +117,14 @@ def run_search(spec: SearchSpec, runner: Runner, prog: str = "tune.search") -> d
         with exp.running():
             table = _tune_and_cross_arch(spec, exp, space)
             tables = exp.storage.local_only()  # with a URI storage, the tables stay in --local-dir
-            md, pq = (Path(f) for f in write_tables(table, tables, name))
+            md, pq, csv = (Path(f) for f in write_tables(table, tables, name))
             if table[table["status"] == "DONE"].empty:  # every trial errored: a failed search
                 raise first_trial_error(table) or no_trial_done(exp.storage, name)
             best = table.iloc[0].to_dict()
             # logged once per number of trials: resuming a finished search adds no second value
             exp.finish({"best_val_acc": best.get("val_acc") or float("nan"),
                         "best_test_acc": best.get("test_acc") or float("nan"),
-                        "search_seconds": time.time() - t0}, [md, pq], step=len(table))
+                        "search_seconds": time.time() - t0}, [md, pq, csv], step=len(table))
     print(markdown(table))
     print(f"\nbest (by validation accuracy, a tie to the trial started first): "
           f"{json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")

@@ -50,14 +50,16 @@ def markdown(table) -> str:
     return cells.to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
-def write_tables(table, storage: Storage, name: str) -> tuple[str, str]:
-    """NAME/trials.md and NAME/trials.parquet, each replaced whole (never half-written)."""
+def write_tables(table, storage: Storage, name: str) -> tuple[str, str, str]:
+    """NAME/trials.md, NAME/trials.parquet and NAME/trials.csv, each replaced whole (never half-written).
+    The CSV is for MLflow's artifact view, which previews a CSV whole (a Markdown table: its first row)."""
     buffer = io.BytesIO()
     table.to_parquet(buffer, engine="pyarrow", index=False)
     fault_point("tables_enospc", "write", path=storage.uri(name, "trials.md"))
     md = storage.write_text(markdown(table) + "\n", name, "trials.md")
     pq = storage.write_bytes(buffer.getvalue(), name, "trials.parquet")
-    return md, pq
+    csv = storage.write_text(table.to_csv(index=False), name, "trials.csv")
+    return md, pq, csv
 
 
 def record_placement(storage: Storage, name: str, data_ref, zoo_info: dict) -> dict:
