@@ -9,28 +9,43 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dsdm.cli import HelpFormatter
+from dsdm.cli import HelpFormatter, config_keys_help, paragraphs
 from dsdm.config import BUDGETS
 from dsdm.errors import DsdmError
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
 from tune.signals import run_command
+
+SWEEP_SENTENCE = ("Every cell runs once per seed, with the same seeds in every cell (paired), as one Tune grid; the "
+                  "table, its statistics and a plot go to RESULTS/<sweep>/ and every trial to MLflow.")
+
+
+def sweep_description(doc: str) -> str:
+    """A sweep module's first docstring paragraph as a sentence (without its `python -m ...:` prefix)."""
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    if text.startswith("`") and "`: " in text:
+        text = text.split("`: ", 1)[1]
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
 
 # Distillation seeds a sweep runs when --seeds is not given: paired statistics need >= 2.
 DEFAULT_SEEDS = {"resolve": "2"}
 
 
 def build_parser(prog: str, doc: str, dataset: str = "digits", ipc: str = "10") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=doc.strip().splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=paragraphs(sweep_description(doc), SWEEP_SENTENCE),
+                                epilog=config_keys_help(), formatter_class=HelpFormatter)
     p.add_argument("--dataset", default=dataset, help=DATASET_HELP)
     p.add_argument("--ipc", default=ipc, help="images per class; several comma-separated (one table each)")
     p.add_argument("--budget", default="paper", choices=list(BUDGETS), help=BUDGET_HELP)
     p.add_argument("--seeds", help="N (seeds 0..N-1) or a list '0,3,7'; each is the distillation and evaluation "
                    "seed of every cell (paired); default 2 under --budget resolve, else 1")
     p.add_argument("--results", type=Path, default=Path("results"), help="tables and plots go to RESULTS/<sweep>/")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished cells are kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep; finished cells are kept (default: off, start the sweep)")
     add_data_flags(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, every cell")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key in every cell, e.g. --set distill.lr_img=0.05 (repeatable; keys below; default: none)")
     p.add_argument("--fresh", action="store_true",
                    help="compute every trial, even one whose identical config and seed another sweep under --storage "
                         "already finished (by default its results are copied, and the table says from where)")

@@ -17,13 +17,60 @@ from dsdm.errors import DsdmError
 from dsdm.phases import PhaseClock
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default; flags without one (None, off) and defaults the help names stay as written."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default; flags without one (None, off) and defaults the help names stay as
+    written; descriptions and epilogs keep their paragraphs (wrapped by `paragraphs`)."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False or action.default == [] or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+# --- help texts shared by every command (dsdm, tune.search, the sweeps) --------------------------
+BUDGET_HELP = ("preset of iterations, epochs and zoo size; leaving --budget out means paper, the paper's "
+               "settings, sized for a GPU (hours per run); cpu = minutes on a CPU, resolve = sweeps sized to "
+               "resolve their effects on 2 cores (hours), smoke = seconds, numbers meaningless")
+DATASET_HELP = "digits (ships offline), mnist, fashionmnist, svhn, cifar10, cifar100 or speechcommands"
+SET_HELP = "set any config key for this run, e.g. --set distill.lr_img=0.05 (repeatable; the keys are listed below; default: none)"
+
+
+def paragraphs(*texts: str, width: int = 100) -> str:
+    """Texts as wrapped paragraphs (for a RawDescription help)."""
+    import textwrap
+
+    return "\n\n".join(textwrap.fill(" ".join(t.split()), width) for t in texts if t)
+
+
+def config_keys_help() -> str:
+    """The keys --set accepts, grouped by section, each with its value under --budget paper."""
+    import textwrap
+
+    from dsdm.config import make_config
+
+    sections: dict[str, list[str]] = {}
+    for key, value in make_config("paper", {}).plain().items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, []).append(f"{name}={value}")
+    lines = ["config keys for --set SECTION.KEY=VALUE (their values under --budget paper; a budget or flag may "
+             "change them):"]
+    for section, items in sections.items():
+        lines.append(textwrap.fill(f"{section}: " + ", ".join(items), 100, initial_indent="  ",
+                                   subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+class CheckpointedInterrupt(KeyboardInterrupt):
+    """An interrupt during distillation, which checkpoints (OUT.ckpt): the rerun resumes from there."""
+
+
+def line_buffered() -> None:
+    """Each line out as it is printed, also into a file or a CI log (Python block-buffers a redirected
+    stdout, so progress would arrive minutes late)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
 
 
 def default_cache() -> Path:
@@ -32,71 +79,101 @@ def default_cache() -> Path:
 
 # --- argument groups ---------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", help="digits (offline default), mnist, fashionmnist, svhn, cifar10, cifar100, speechcommands")
+    p.add_argument("--dataset", help=DATASET_HELP + " (default: digits)")
     p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
-    p.add_argument("--offline", action="store_true", help="never download; fail if files are missing")
-    p.add_argument("--budget", default="paper", choices=list(BUDGETS),
-                   help="preset of iterations, epochs and zoo size: paper = the paper's settings (hours on a GPU), "
-                        "cpu = minutes on a CPU, smoke = seconds, numbers meaningless")
-    p.add_argument("--seed", type=int, help="seed of distillation and evaluation")
+    p.add_argument("--offline", action="store_true", help="never download; fail if files are missing (default: off)")
+    p.add_argument("--budget", default="paper", choices=list(BUDGETS), help=BUDGET_HELP)
+    p.add_argument("--seed", type=int, help="seed of distillation and evaluation (default: the config's, 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--cache", type=Path, default=None, help="where pre-trained zoos are kept (default $DSDM_CACHE or ~/.cache/dsdm)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, e.g. --set distill.alpha=0.9 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="comma-separated: convnet3,resnet10,densenet121")
-    p.add_argument("--runs", type=int, help="fresh networks per architecture")
+    p.add_argument("--arch", help="comma-separated: convnet3,resnet10,densenet121 (default: the budget's eval.archs, listed below)")
+    p.add_argument("--runs", type=int, help="fresh networks per architecture (default: the budget's eval.runs, listed below)")
     p.add_argument("--epochs", type=int, help="training epochs per network (default: the protocol's)")
     p.add_argument("--protocol", choices=["dsdm", "dsdm-uniform", "dm"],
-                   help="evaluation recipe (dsdm.recipes.PROTOCOLS; dsdm: the official one per dataset)")
-    p.add_argument("--json", type=Path, help="write the results here")
+                   help="evaluation recipe (dsdm.recipes.PROTOCOLS; default dsdm: the official one per dataset)")
+    p.add_argument("--json", type=Path, help="also write the results here as JSON (default: none)")
+
+
+def _budget(key: str) -> str:
+    return f"(default: the budget's {key}, listed below)"
+
+
+DESCRIPTIONS = {
+    None: "Distil a labelled dataset into a few synthetic images per class with DSDM, without Ray: pre-train a "
+          "zoo, distil, evaluate on fresh networks, or draw a set. Each command builds one config (defaults < "
+          "method preset < --budget < flags and --set) and prints a short result; bad input gets one line and "
+          "exit code 2. Run `python -m dsdm COMMAND --help` for a command's flags.",
+    "pretrain": "Pre-train a zoo of M networks on the real data and keep snapshots at chosen epochs, the models "
+                "DSDM matches features against.",
+    "distill": "Distil the dataset into --ipc stored images per class with DSDM (or DM, or pick a coreset), "
+               "pre-training and caching the zoo it needs unless --zoo gives one; an interrupted run resumes "
+               "from its checkpoint when rerun.",
+    "evaluate": "Train fresh networks on a distilled set (or on a coreset picked with --method) and report "
+                "final-epoch test accuracy, mean and standard deviation over --runs networks per architecture.",
+    "show": "Draw a distilled set as a class-by-class image grid: the decoded images the classifier trains on, "
+            "enlarged, or with --stored the stored tiles.",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = HelpFormatter  # --help shows every default
-    parser = argparse.ArgumentParser(prog="python -m dsdm", description=__doc__.splitlines()[0], formatter_class=defaults)
+    keys = config_keys_help()
+    parser = argparse.ArgumentParser(prog="python -m dsdm", description=paragraphs(DESCRIPTIONS[None]),
+                                     formatter_class=defaults)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pre-train a model zoo", formatter_class=defaults)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=paragraphs(DESCRIPTIONS[name]), epilog=keys,
+                              formatter_class=defaults)
+
+    p = command("pretrain", "pre-train a model zoo")
     _common(p)
-    p.add_argument("--models", type=int, help="M, number of networks")
-    p.add_argument("--epochs", type=int, help="E, train to this epoch (added to the snapshots)")
-    p.add_argument("--snapshots", help="comma-separated epochs to keep, e.g. 1,5,10")
+    p.add_argument("--models", type=int, help=f"M, number of networks {_budget('zoo.num_models')}")
+    p.add_argument("--epochs", type=int, help="E, train to this epoch (added to the snapshots; default: the last snapshot)")
+    p.add_argument("--snapshots", help=f"comma-separated epochs to keep, e.g. 1,5,10 {_budget('zoo.snapshots')}")
     p.add_argument("--out", type=Path, required=True, help="zoo folder to write")
 
-    p = sub.add_parser("distill", help="distil a dataset into a small synthetic set", formatter_class=defaults)
+    p = command("distill", "distil a dataset into a small synthetic set")
     _common(p)
-    p.add_argument("--method", choices=["dsdm", "dm", "random", "herding", "kcenter"])
-    p.add_argument("--ipc", type=int, help="stored images per class")
+    p.add_argument("--method", choices=["dsdm", "dm", "random", "herding", "kcenter"],
+                   help="dsdm (default), dm (distribution matching, the baseline) or a coreset of real images: "
+                        "random, herding, kcenter")
+    p.add_argument("--ipc", type=int, help=f"stored images per class {_budget('distill.ipc')}")
     p.add_argument("--zoo", type=Path, help="zoo folder from `pretrain` (default: pre-train and cache)")
     p.add_argument("--iterations", type=int, help="distillation iterations (default: the budget's)")
-    p.add_argument("--lambda1", type=float, help="weight of L_SD (covariance matching)")
-    p.add_argument("--lambda2", type=float, help="weight of L_h (memory bank)")
-    p.add_argument("--models", type=int, help="M zoo models sampled from")
-    p.add_argument("--pretrain-epochs", type=int, help="E, which zoo snapshot")
-    p.add_argument("--factor", type=int, help="l of partition-and-expand (1 = off)")
-    p.add_argument("--lr-img", type=float, help="learning rate of the stored images (0: 0.1 * ipc / 10)")
-    p.add_argument("--reference", action="store_true", help="the straightforward loop instead of the fast path")
+    p.add_argument("--lambda1", type=float, help=f"weight of L_SD (covariance matching) {_budget('distill.lambda1')}")
+    p.add_argument("--lambda2", type=float, help=f"weight of L_h (memory bank) {_budget('distill.lambda2')}")
+    p.add_argument("--models", type=int, help=f"M zoo models sampled from {_budget('distill.num_models')}")
+    p.add_argument("--pretrain-epochs", type=int, help=f"E, which zoo snapshot {_budget('distill.pretrain_epochs')}")
+    p.add_argument("--factor", type=int, help=f"l of partition-and-expand, 1 = off {_budget('distill.factor')}")
+    p.add_argument("--lr-img", type=float, help="learning rate of the stored images (default 0: 0.1 * ipc / 10)")
+    p.add_argument("--reference", action="store_true", help="the straightforward loop instead of the fast path (default: off)")
     p.add_argument("--checkpoint", type=Path, help="resume from / write here (default: OUT.ckpt)")
     p.add_argument("--evaluate", action="store_true",
                    help="then evaluate the set with the budget's eval.* settings and record the result in its manifest")
     p.add_argument("--out", type=Path, required=True, help="distilled-set file to write (its manifest goes beside it)")
 
-    p = sub.add_parser("evaluate", help="train fresh networks on a distilled set (or a coreset)", formatter_class=defaults)
+    p = command("evaluate", "train fresh networks on a distilled set (or a coreset)")
     _common(p)
     p.add_argument("file", nargs="?", type=Path, help="distilled-set file; omit to select a coreset with --method")
-    p.add_argument("--method", choices=["random", "herding", "kcenter"], help="coreset to select and evaluate")
-    p.add_argument("--ipc", type=int, help="images per class of the coreset")
+    p.add_argument("--method", choices=["random", "herding", "kcenter"], help="coreset to select and evaluate (default: none, FILE is evaluated)")
+    p.add_argument("--ipc", type=int, help=f"images per class of the coreset {_budget('distill.ipc')}")
     p.add_argument("--record", action="store_true",
                    help="store this result (and its recipe) in the set's manifest, replacing the one there")
     _eval_flags(p)
 
-    p = sub.add_parser("show", help="draw a distilled set as a class-by-class image grid", formatter_class=defaults)
+    p = sub.add_parser("show", help="draw a distilled set as a class-by-class image grid",
+                       description=paragraphs(DESCRIPTIONS["show"]), formatter_class=defaults)
     p.add_argument("file", type=Path, help="distilled-set file")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
-    p.add_argument("--decoded", action="store_true", help="draw the decoded (training) images")
+    p.add_argument("--stored", action="store_true",
+                   help="draw the stored tiles (a factor-l set keeps l x l tiles per image) instead of the decoded "
+                        "images (default: off)")
+    p.add_argument("--decoded", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
 
     from dsdm.export import FORMATS
 
@@ -221,8 +298,11 @@ def cmd_distill(args, cfg: Config) -> None:
             def log(metrics: dict, step: int) -> None:
                 bar.update(step - bar.n)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
-            with clock.phase("distill"):
-                synset = distiller.run(checkpoint=checkpoint, log=log)
+            try:
+                with clock.phase("distill"):
+                    synset = distiller.run(checkpoint=checkpoint, log=log)
+            except KeyboardInterrupt:
+                raise CheckpointedInterrupt from None
         clock.carve("distill", "cache_fill", distiller.cache.fill_seconds)
     synset.save(args.out)
     print(f"wrote {args.out}: {len(synset.labels)} stored images ({synset.ipc} per class, tiles {synset.grid}); "
@@ -353,7 +433,7 @@ def cmd_show(args) -> None:
     from dsdm.visualize import save_grid
 
     synset = SyntheticSet.load(args.file)
-    save_grid(synset, args.out, decoded=args.decoded)
+    save_grid(synset, args.out, decoded=not args.stored)
     print(f"wrote {args.out}")
 
 
@@ -369,6 +449,7 @@ def _paper_on_cpu(cfg: Config, device) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    line_buffered()
     try:
         if args.command in ("show", "export"):
             {"show": cmd_show, "export": cmd_export}[args.command](args)
@@ -378,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     except DsdmError as exc:
         print(f"dsdm: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except CheckpointedInterrupt:
         print("dsdm: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a zoo or an evaluation stopped midway keeps nothing
+        print("dsdm: interrupted before anything was saved; rerun the same command to start again", file=sys.stderr)
         return 130
     return 0

@@ -111,7 +111,7 @@ def _open(make: Callable[[bool], Any], name: str, root: Path, offline: bool, nee
         return make(False)
     except RuntimeError:  # torchvision's "not found or corrupted"
         pass
-    fix = f"pass --data-root DIR or set DSDM_DATA to a folder that has {need}"
+    fix = "pass --data-root DIR or set DSDM_DATA to the folder that holds them"
     if offline:
         raise DsdmError(f"{name} not found in {root} (expected {need}); {fix}, "
                         "or run once without --offline to download")
@@ -119,7 +119,7 @@ def _open(make: Callable[[bool], Any], name: str, root: Path, offline: bool, nee
         return make(True)
     except Exception as e:  # network errors come in many types
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DsdmError(f"{name} not found in {root} and download failed ({reason}); {fix}") from e
+        raise DsdmError(f"{name} not found in {root} (expected {need}) and download failed ({reason}); {fix}") from e
 
 
 def _images(data: Any, layout: str) -> Tensor:

@@ -128,7 +128,7 @@ def test_final_metrics_logged_once_across_interrupt_between_mlflow_and_tune(chai
     assert len(final) == 1 and final[0]["final_from_mlflow"] == 1  # re-reported, not re-evaluated
     assert {k: final[0][k] for k in FINAL_METRICS} == {k: run.data.metrics[k] for k in FINAL_METRICS}
     table = pq.read_table(chain["storage"] / NAME / "trials.parquet").to_pandas().set_index("trial_id")
-    assert Path(table.loc[trial, "set_path"]).is_file()  # the set came back from MLflow's artifacts
+    assert (chain["storage"] / NAME / table.loc[trial, "set_path"]).is_file()  # the set came back from MLflow's artifacts
 
 
 def test_resume_mlflow_runs_nested_finished_and_counted_once(chain):

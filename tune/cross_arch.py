@@ -19,11 +19,12 @@ import torch
 from dsdm.evaluate import evaluate_set, merge_results
 from dsdm.synthetic import SyntheticSet
 from dsdm.train import resolve_device
-from tune.recorder import Recorder, eval_metrics
+from tune.recorder import XARCH_ENDED_TAG, XARCH_STARTED_TAG, Recorder, eval_metrics
 from tune.trainable import SET_FILE
 from tune.zoo import dataset_from_store
 
 CROSS_ARCHS = ("convnet3", "resnet10", "densenet121")
+HEARTBEAT_S = 20.0  # a progress line at least this often while networks train
 
 
 def read_set(checkpoint) -> SyntheticSet:
@@ -72,8 +73,13 @@ def run_cross_arch(jobs: list[CrossArchJob], data_ref, trial_cpus: float,
             owner[ref] = (job.trial_id, job.arch)
     results: dict = {}
     pending, start = list(owner), time.time()
+    progress(f"cross-arch: {len(owner)} networks to train on {len({j.trial_id for j in jobs})} distilled set(s) "
+             f"({', '.join(dict.fromkeys(j.arch for j in jobs))}); DenseNet-121 first, the slowest")
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=HEARTBEAT_S)
+        if not ready:  # a network can take minutes: say the phase is alive
+            progress(f"cross-arch: {len(results)}/{len(owner)} networks done, {time.time() - start:.0f}s elapsed")
+            continue
         (trial_id, arch), results[ready[0]] = owner[ready[0]], ray.get(ready[0])
         progress(f"cross-arch: trial {trial_id} {arch} network done, {results[ready[0]][arch]['runs'][0]:.2f}% "
                  f"test accuracy ({len(results)}/{len(owner)} networks, {time.time() - start:.0f}s elapsed)")
@@ -83,11 +89,29 @@ def run_cross_arch(jobs: list[CrossArchJob], data_ref, trial_cpus: float,
     return out
 
 
-def record_cross_arch(recorder: Recorder, parent_id: str, results: dict[str, dict], prefix: str = "") -> None:
-    """Each trial's results into its run of THIS search (found by search id + trial id)."""
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def phase_started(parent) -> str:
+    """The phase's start time, tagged on the parent run at once (the UI shows a phase running)."""
+    started = now_utc()
+    parent.set_tags({XARCH_STARTED_TAG: started})
+    return started
+
+
+def record_cross_arch(recorder: Recorder, parent_id: str, results: dict[str, dict], prefix: str = "",
+                      started: str | None = None) -> None:
+    """Each trial's results into its run of THIS search (found by search id + trial id), with the
+    phase's start and end times as tags on that run and on the parent (the metrics arrive after the
+    trial run's own end: the tags say when the phase ran)."""
+    ended = now_utc()
+    times = {XARCH_STARTED_TAG: started or ended, XARCH_ENDED_TAG: ended}
     for trial_id, res in results.items():
         run, _ = recorder.trial(trial_id, parent_id)
         run.log_metrics(eval_metrics(res, prefix=prefix))
+        run.set_tags(times)
+    recorder.run(parent_id).set_tags(times)
 
 
 @ray.remote

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ class Experiment:
     data_ref: Any = None
     zoo_refs: Any = None
     zoo_info: dict = field(default_factory=dict)
+    search_id: str = ""  # the MLflow runs' dsdm.search_id (tune.resume's record); default: the Tune run's path
 
     @property
     def tune_path(self) -> str:
@@ -53,7 +55,7 @@ class Experiment:
     def open_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> RunLog:
         """The experiment's MLflow parent run (reopened on --resume), its params logged once."""
         self.recorder = Recorder.open(self.mlflow_uri, experiment_name(self.dataset.name, self.cfg.distill.ipc),
-                                      self.storage.local / "mlartifacts", self.tune_path)
+                                      self.storage.local / "mlartifacts", self.search_id or self.tune_path)
         self.parent = self.recorder.parent(run_name, tags)
         self.parent.log_params(params)
         return self.parent
@@ -109,9 +111,14 @@ class Experiment:
             raise self.watch.error
         return results
 
-    def finish(self, metrics: dict[str, float], files: list) -> None:
-        """The parent's last metrics and files; runs that died unreported end FAILED; the parent FINISHED."""
-        self.parent.log_metrics(metrics)
+    def finish(self, metrics: dict[str, float], files: list, step: int | None = None) -> None:
+        """The parent's last metrics and files; runs that died unreported end FAILED; the parent FINISHED.
+        With `step` (the search: its number of trials), metrics already logged at that step are not
+        logged again, so resuming a finished search adds no second value."""
+        if step is None:
+            self.parent.log_metrics(metrics)
+        else:
+            self.parent.log_metrics_once(metrics, step)
         self.parent.log_artifacts(files)
         self.recorder.close_open_runs("FAILED", keep=self.parent.run_id)
         self.parent.finish()
@@ -122,8 +129,24 @@ def open_experiment(cfg: Config, runner: Runner, name: str, *, prog: str, trials
                     data_root: str | None = None, check: Callable[[Storage, str], None] = lambda s, n: None,
                     restarts_on_resume: Callable[[Storage, str], bool] = lambda s, n: False):
     """Checks, lock, reserve and full-disk watch around an experiment (see the module docstring).
-    `check(storage, name)` refuses a fresh run over an existing one, or a resume of nothing."""
+    `check(storage, name)` refuses a fresh run over an existing one, or a resume of nothing.
+    A refused run leaves no folder it created behind."""
     preflight.check_data_root(cfg.data.dataset, data_root, cfg.data.offline)
+    local = Path(runner.local_dir if "://" in str(runner.storage) else runner.storage).expanduser().resolve()
+    created = not local.exists()
+    try:
+        with _experiment(cfg, runner, name, prog, trials, resume, check, restarts_on_resume) as exp:
+            yield exp
+    except DsdmError:
+        if created:
+            with contextlib.suppress(OSError):  # only while empty: nothing written is ever removed
+                local.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _experiment(cfg: Config, runner: Runner, name: str, prog: str, trials: int, resume: bool,
+                check: Callable[[Storage, str], None], restarts_on_resume: Callable[[Storage, str], bool]):
     storage = Storage.open(runner.storage, runner.local_dir)
     with search_lock(storage.local / f"{name}.lock", prog=prog):
         check(storage, name)

@@ -13,6 +13,7 @@ from typing import Any
 
 from dsdm.config import Config, make_config, parse_set_pairs, zoo_covering
 from dsdm.errors import DsdmError
+from tune.recorder import XARCH
 from tune.runner import Runner
 from tune.signals import STOP
 
@@ -67,7 +68,9 @@ def run_search(spec: SearchSpec, runner: Runner, prog: str = "tune.search") -> d
     from tune.experiment import open_experiment
     from tune.preflight import check_fixed
     from tune.space import parse_fixed, search_space
-    from tune.tables import write_tables
+    from tune.recorder import mlflow_advice
+    from tune.resume import SearchRecord, check_resume, command_of, grow_samples
+    from tune.tables import markdown, write_tables
 
     t0 = time.time()
     # every check that needs no Ray, no MLflow and no dataset first: bad input costs ~1 s and writes nothing
@@ -81,36 +84,63 @@ def run_search(spec: SearchSpec, runner: Runner, prog: str = "tune.search") -> d
     cfg = base_config(spec, space, fixed)
     name = spec.name or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}-{spec.budget}"
 
+    command = command_of(spec, fixed, parse_set_pairs(spec.sets))
+    record: SearchRecord | None = None
+    more_samples: int | None = None
+
     def check(storage, name: str) -> None:
         from ray import tune
 
+        nonlocal record, more_samples
         if not storage.remote and storage.exists(name) and not spec.resume:
             raise DsdmError(f"'{storage.uri(name)}' already holds a search; pass --resume to continue it or --name NEW "
                             "for a new one")
         if spec.resume and not tune.Tuner.can_restore(storage.uri(name)):
             raise DsdmError(f"nothing to resume at '{storage.uri(name)}'; run without --resume first")
+        if spec.resume:
+            # a search from before the record: its id was its path, which stays its id from now on
+            record = SearchRecord.load(storage, name) or SearchRecord(storage.uri(name), {})
+            more_samples = check_resume(record.command, command)
 
     with open_experiment(cfg, runner, name, prog=prog, trials=spec.num_samples, resume=spec.resume,
                          data_root=spec.data_root, check=check) as exp:
+        if more_samples is not None:
+            grow_samples(exp.storage, name, more_samples)
+            print(f"{prog}: --resume adds trials: --num-samples {more_samples} "
+                  f"(was {record.command['num_samples']})", flush=True)
+        record = SearchRecord(record.search_id, {**record.command, **command}) if record else SearchRecord.new(command)
+        record.save(exp.storage, name)
+        exp.search_id = record.search_id
         exp.open_parent(f"search-{name}", {**cfg.plain(), "search.num_samples": spec.num_samples,
                                            "search.scheduler": spec.scheduler,
                                            "search.space": json.dumps(sorted(space))})
         with exp.running():
             table = _tune_and_cross_arch(spec, exp, space)
             tables = exp.storage.local_only()  # with a URI storage, the tables stay in --local-dir
-            md, pq = (Path(f) for f in write_tables(table, tables, name))
+            md, pq, csv = (Path(f) for f in write_tables(table, tables, name))
             if table[table["status"] == "DONE"].empty:  # every trial errored: a failed search
-                raise no_trial_done(exp.storage, name)
+                raise first_trial_error(table) or no_trial_done(exp.storage, name)
             best = table.iloc[0].to_dict()
+            # logged once per number of trials: resuming a finished search adds no second value
             exp.finish({"best_val_acc": best.get("val_acc") or float("nan"),
                         "best_test_acc": best.get("test_acc") or float("nan"),
-                        "search_seconds": time.time() - t0}, [md, pq])
-    print(table.to_markdown(index=False, floatfmt=".4g"))
-    print(f"\nbest (by validation accuracy): {json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")
-    print(f"best distilled set: {best.get('set_path', '')}")
-    print(f"tables: {md} {pq}\nMLflow: mlflow ui --backend-store-uri {exp.mlflow_uri}")
+                        "search_seconds": time.time() - t0}, [md, pq, csv], step=len(table))
+    print(markdown(table))
+    print(f"\nbest (by validation accuracy, a tie to the trial started first): "
+          f"{json.dumps({k: best.get(k.split('.')[-1]) for k in sorted(space)})}")
+    print(f"best distilled set: {exp.storage.uri(name, best['set_path']) if best.get('set_path') else ''}")
+    print(f"tables: {md} {pq}")
+    print(mlflow_advice(exp.mlflow_uri, exp.recorder.experiment_id))
     print(f"search wall time: {time.time() - t0:.1f}s")
     return {"table": table, "path": md.parent, "zoo": exp.zoo_info, "mlflow_uri": exp.mlflow_uri}
+
+
+def first_trial_error(table) -> DsdmError | None:
+    """A search whose trials all stopped at a deterministic error: the first trial's, in one line."""
+    failed = table[table["error"].astype(bool)].sort_values("trial") if "error" in table else table.iloc[:0]
+    if failed.empty:
+        return None
+    return DsdmError(f"no trial finished; the first trial's error: {failed.iloc[0]['error']}")
 
 
 def make_searcher(spec: SearchSpec, cfg: Config, slots: int):
@@ -132,7 +162,6 @@ def _tune_and_cross_arch(spec: SearchSpec, exp, space: dict):
     from tune import cross_arch as xa
     from tune.experiment import make_tuner
     from tune.faults import fault_point
-    from tune.recorder import XARCH
     from tune.tables import record_placement, trial_table
     from tune.trainable import run_trial
 
@@ -150,7 +179,10 @@ def _tune_and_cross_arch(spec: SearchSpec, exp, space: dict):
     if spec.cross_arch == "none" or done.empty:
         return table
     previous = exp.recorder.cross_arch_results(xa.CROSS_ARCHS, prefix=XARCH)
+    # the table runs best first, a tie to the trial started first: a resume picks the same best trial
     chosen = [t for t in (done if spec.cross_arch == "all" else done.head(1))["trial_id"] if t not in previous]
+    if not chosen:  # a resumed search whose evaluation is recorded: nothing is redone
+        return _with_cross_arch(table, previous)
     sets = xa.put_sets(results, chosen)
     # a test deletes the trials' checkpoint folders here: the phase reads nothing from them
     fault_point("before_cross_arch", 1, paths=[str(Path(r.checkpoint.path).parent) for r in results
@@ -159,10 +191,16 @@ def _tune_and_cross_arch(spec: SearchSpec, exp, space: dict):
     jobs = [xa.CrossArchJob(trial_id, sets[trial_id], arch,
                             {**eval_cfg, "archs": [arch], "runs": runs + 2 if arch == "convnet3" else runs})
             for arch in xa.CROSS_ARCHS for trial_id in chosen]  # "ConvNet-3 with more runs"
+    started = xa.phase_started(exp.parent)
     cross = xa.run_cross_arch(jobs, exp.data_ref, exp.runner.trial_cpus, progress=lambda line: print(line, flush=True))
-    xa.record_cross_arch(exp.recorder, exp.parent.run_id, cross, prefix=XARCH)
-    for trial_id, res in {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
-                                         for t, v in cross.items()}}.items():
+    xa.record_cross_arch(exp.recorder, exp.parent.run_id, cross, prefix=XARCH, started=started)
+    return _with_cross_arch(table, {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
+                                                   for t, v in cross.items()}})
+
+
+def _with_cross_arch(table, results: dict):
+    """The table with one `xarch/<arch>` column per architecture: "mean ± std" where evaluated, else empty."""
+    for trial_id, res in results.items():
         for arch, (mean, std) in res.items():
             table.loc[table["trial_id"] == trial_id, f"{XARCH}{arch}"] = f"{mean:.2f} ± {std:.2f}"
     return table

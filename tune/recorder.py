@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting in the UI
 FINAL_TAG = "dsdm.final"  # JSON of a trial's final metrics, written in the same batch as them
 REUSED_TAG = "dsdm.reused_from"  # run id of the identical finished trial whose results a trial copied
 COMPUTE_TAG = "dsdm.compute"  # where a trial ran ("cpu x1"): identical configs give identical bits only there
+ERROR_TAG = "dsdm.error"  # a trial's deterministic error (not retried)
+# when the cross-architecture phase ran (UTC, ISO 8601), on the parent and on each trial it evaluated:
+# its metrics (xarch/*) arrive after the trial run's own end
+XARCH_STARTED_TAG, XARCH_ENDED_TAG = "dsdm.xarch_started", "dsdm.xarch_ended"
 XARCH = "xarch/"  # prefix of the cross-architecture evaluation's keys (the trial's own are unprefixed)
 # MLflow 3 opens an experiment by its kind; untagged ones may open on the GenAI "Traces" page
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -35,6 +40,28 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 def default_uri(storage: Path) -> str:
     """A sqlite file under the storage path (never the current directory)."""
     return f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
+
+
+def runs_table_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in MLflow 3's UI, every trial a row, best validation accuracy first.
+
+    Checked in headless Chromium against MLflow 3.17: `#/experiments/<id>` opens the GenAI overview
+    whatever the experiment's tags; `/runs?workflowType=machine_learning` opens the runs table, which
+    honours a sort only when the URL names every search facet (then the trials are rows of their own,
+    not hidden under their parent). Metric columns cannot be chosen by URL ("Columns" adds them)."""
+    facets = ("searchFilter=&orderByKey=metrics.%60val_acc%60&orderByAsc=false&startTime=ALL"
+              "&lifecycleFilter=Active&modelVersionFilter=All%20Runs&datasetsFilter=")
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&{facets}"
+
+
+def mlflow_advice(uri: str, experiment_id: str, port: int = 5000) -> str:
+    """The line that opens this experiment's runs: the venv's `mlflow` (on PATH or not) and the URL."""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: open {runs_table_url(uri, experiment_id)}"
+    venv_mlflow = Path(sys.executable).with_name("mlflow")  # beside this python, unresolved: the venv's bin/
+    exe = str(venv_mlflow) if venv_mlflow.exists() else "mlflow"
+    return (f"MLflow: {exe} ui --backend-store-uri {uri} --port {port}\n"
+            f"        then open {runs_table_url(f'http://127.0.0.1:{port}', experiment_id)}")
 
 
 def experiment_name(dataset: str, ipc: int) -> str:
@@ -210,17 +237,26 @@ class RunLog:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
+        """`log_metrics` of the keys that have no value at `step` yet."""
+        logged = self.client.get_run(self.run_id).data.metrics
+        todo = {k: v for k, v in metrics.items()
+                if k not in logged or all(m.step != step for m in self.client.get_metric_history(self.run_id, k))}
+        self.log_metrics(todo, step)
+
     def last_step(self, key: str) -> int:
         """The highest step at which `key` is logged (-1 if never): a retried or resumed trial
         replays its iterations bit-exactly from a checkpoint and skips logging those again."""
         return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
-    def log_final(self, metrics: dict[str, float], step: int) -> None:
+    def log_final(self, metrics: dict[str, float], step: int, logged: tuple[str, ...] = ()) -> None:
         """A trial's final metrics and the FINAL_TAG marker in one batch (one sqlite transaction):
-        either both are in the run or neither is."""
+        either both are in the run or neither is. Keys in `logged` already have their value at
+        `step` (the distillation loop's `iteration`, `resumed_from`): only the marker carries them."""
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, metrics=_metrics(metrics, step),
+        new = {k: v for k, v in metrics.items() if k not in logged}
+        self.client.log_batch(self.run_id, metrics=_metrics(new, step),
                               tags=[RunTag(FINAL_TAG, json.dumps(metrics))])
 
     def log_artifacts(self, paths: list[Path]) -> None:

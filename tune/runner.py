@@ -19,10 +19,7 @@ from dsdm.errors import DsdmError
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # val_acc arrives with the last report
 
-BUDGET_HELP = ("preset of iterations, epochs and zoo size: paper = the paper's settings (hours on a GPU), "
-               "cpu = minutes on a CPU, resolve = sweeps sized to resolve their effects on 2 cores (hours), "
-               "smoke = seconds, numbers meaningless")
-DATASET_HELP = "digits, mnist, fashionmnist, svhn, cifar10, cifar100, speechcommands"
+from dsdm.cli import BUDGET_HELP, DATASET_HELP  # noqa: E402,F401  (one wording for every command)
 
 
 def finite_float(text: str) -> float:
@@ -69,7 +66,7 @@ class Runner:
 
 
 def add_runner_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster); default: start Ray here")
+    p.add_argument("--address", help="Ray cluster address ('auto' inside a cluster; default: start Ray here)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--storage", default=os.environ.get("DSDM_STORAGE", "runs"),
                    help="Tune runs and tables (a folder, or s3://... / gs://... on a multi-node cluster); "
@@ -84,13 +81,15 @@ def add_runner_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--zoo-cpus", type=finite_float, default=1, help="CPUs per pre-training actor")
     p.add_argument("--zoo-gpus", type=finite_float, default=0, help="GPUs per pre-training actor (fractions allowed)")
     p.add_argument("--zoo-actors", type=int, help="actors in the pool (default: as many as fit)")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (from its checkpoint)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a crashed trial, from its checkpoint (a deterministic error, such as a "
+                        "non-finite loss or a bad config, is never retried)")
     return p
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="dataset folder (default $DSDM_DATA, else ./data)")
-    p.add_argument("--offline", action="store_true", help="never download datasets")
+    p.add_argument("--offline", action="store_true", help="never download datasets (default: off)")
     return p
 
 
@@ -121,11 +120,13 @@ def ray_session(runner: Runner, after_start=lambda: None, keep: bool = False):
     import ray
 
     from tune.preflight import check_ray_address
+    from tune.raynoise import quiet_ray
 
     if ray.is_initialized():
         yield
         return
     check_ray_address(runner.address)  # a dead address: one line in seconds, not ray.init's minute
+    quiet_ray()
     start_ray(runner.address, runner.num_cpus)
     after_start()
     try:

@@ -14,29 +14,40 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsdm.cli import HelpFormatter
+from dsdm.cli import SET_HELP, HelpFormatter, config_keys_help, paragraphs
 from dsdm.config import BUDGETS
 from tune.optuna_search import SearchSpec, run_search
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
 from tune.signals import run_command
 
 PROG = "tune.search"
+DESCRIPTION = ("Search DSDM's lambda1, lambda2, M and E with Optuna under Ray Tune: pre-train the zoo once on an "
+               "actor pool, run --num-samples trials that each distil a set and score it on the validation split "
+               "held out of train, evaluate the best set on ConvNet-3, ResNet-10 and DenseNet-121, and record every "
+               "trial in MLflow. An interrupted search continues with --resume.")
+FIX_KEYS = ("searched keys for --fix: lambda1 (distill.lambda1), lambda2 (distill.lambda2), M or models "
+            "(distill.num_models), E or epochs (distill.pretrain_epochs); M and E must be in the budget's zoo.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tune.search", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tune.search", description=paragraphs(DESCRIPTION),
+                                epilog=f"{FIX_KEYS}\n\n{config_keys_help()}", formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="digits", help=DATASET_HELP)
     add_data_flags(p)
     p.add_argument("--ipc", type=int, default=10, help="stored images per class")
-    p.add_argument("--num-samples", type=int, default=20, help="trials Optuna proposes")
+    p.add_argument("--num-samples", type=int, default=20,
+                   help="trials Optuna proposes (with --resume, a larger number adds trials)")
     p.add_argument("--budget", default="paper", choices=list(BUDGETS), help=BUDGET_HELP)
     p.add_argument("--name", help="experiment folder under --storage (default DATASET-ipcN-BUDGET)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search under --storage/--name with the same flags; finished trials are kept "
+                        "(default: off, start a new search)")
     p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo", help="Tune trial scheduler")
-    p.add_argument("--proxy-every", type=int, default=0, help="iterations between proxy val accuracies (ASHA)")
-    p.add_argument("--fix", nargs="*", default=[], metavar="KEY=VALUE", help="remove a key from the space, e.g. lambda1=50")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    p.add_argument("--proxy-every", type=int, default=0,
+                   help="iterations between proxy validation accuracies, which ASHA needs (0: none)")
+    p.add_argument("--fix", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="take a searched key out of the space at this value, e.g. --fix lambda1=50 (keys below; default: none, all four searched)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--cross-arch", choices=["best", "all", "none"], default="best",
                    help="which trials' sets are evaluated on ConvNet-3, ResNet-10 and DenseNet-121 afterwards")
     p.add_argument("--seed", type=int, default=0, help="Optuna sampler and distillation seed")

@@ -97,13 +97,16 @@ def run_command(prog: str, run) -> int:
     """A command's exit code: 0; 2 with one line `<prog>: error: ...` for a DsdmError; 128 + the
     signal's number with the advice that resumes, for an interrupt. SIGINT and SIGTERM stop a
     running Tune after it saved its state (the handler names the command by its module)."""
+    from dsdm.cli import line_buffered
     from dsdm.errors import DsdmError
+    from tune.messages import in_tune_words
 
+    line_buffered()  # progress reaches a file or a CI log as it is printed
     STOP.install(prog.split()[-1])
     try:
         run()
     except DsdmError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {in_tune_words(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         return interrupted_exit(prog, exc)

@@ -113,6 +113,17 @@ class Storage:
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode()
 
+    def files(self, *parts: str) -> list[str]:
+        """Names of the files directly in the folder `parts` ([] if there is none)."""
+        from pyarrow import fs
+
+        filesystem, _ = self._fs
+        try:
+            infos = filesystem.get_file_info(fs.FileSelector(self._path(*parts)))
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(i.path) for i in infos if i.type == fs.FileType.File)
+
     def find(self, name: str, *parts: str) -> list[str]:
         """Paths (relative to `parts`) of the files called `name` one folder below `parts`."""
         from pyarrow import fs

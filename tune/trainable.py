@@ -23,6 +23,7 @@ from dsdm import zoo as dsdm_zoo
 from dsdm.config import Config
 from dsdm.coreset import SELECTORS, select_coreset
 from dsdm.distill import Distiller, RunHooks
+from dsdm.errors import DsdmError
 from dsdm.evaluate import evaluate_set
 from dsdm.synthetic import SyntheticSet
 from dsdm.train import resolve_device
@@ -36,6 +37,7 @@ CHECKPOINT_FILE = "distill.ckpt"
 SET_FILE = "distilled.pt"
 GRID_FILE = "grid.png"
 METRIC = "val_acc"  # the objective: ConvNet-3 accuracy on the held-out validation split
+ERROR_KEY = "error"  # a trial's deterministic error (DsdmError: bad config, non-finite loss), reported, not raised
 
 
 @dataclass(frozen=True)
@@ -105,20 +107,35 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
                 distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
             # the set first, then metrics + marker in one batch: a crash in between re-evaluates, logs once
             run.log_artifacts([Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
-            run.log_final(final, step=d.iterations)
+            # the loop logged iteration and resumed_from at the last step already
+            run.log_final(final, step=d.iterations, logged=("iteration", "resumed_from") if distiller else ())
             run.finish()
             fault_point("trial_final_logged", trial_number(), trial=trial_id)
             tune.report({**final, "node": ray.get_runtime_context().get_node_id()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
+    except DsdmError as exc:
+        # deterministic (bad config, non-finite loss): a retry would fail the same way, so the trial
+        # ends here with its error as its last report (objective NaN: Optuna records the trial failed)
+        run.set_tags({rec.ERROR_TAG: str(exc)[:5000]})
+        run.finish("FAILED")
+        tune.report({ERROR_KEY: str(exc), METRIC: float("nan"), "node": ray.get_runtime_context().get_node_id()})
     except Exception:
-        run.finish("FAILED")  # Tune may retry it: the retry reopens the run
+        run.finish("FAILED")  # a crash: Tune retries it (--max-failures) from its last checkpoint, reopening the run
         raise
 
 
 def trial_number() -> int:
-    """The n-th trial the search started (1, 2, ...): Tune's trial folders are `<name>_<id>_<n>_<params>`."""
+    """The n-th trial the search started (1, 2, ...)."""
     context = tune.get_context()
-    return int(Path(context.get_trial_dir()).name.split(f"{context.get_trial_id()}_", 1)[1].split("_")[0])
+    return trial_number_of(context.get_trial_dir(), context.get_trial_id())
+
+
+def trial_number_of(trial_path: str, trial_id: str) -> int:
+    """Tune's trial folders are `<trainable>_<id>_<n>_<params>`: n (0 when the name has no number)."""
+    try:
+        return int(Path(trial_path.rstrip("/")).name.split(f"{trial_id}_", 1)[1].split("_")[0])
+    except (IndexError, ValueError):
+        return 0
 
 
 def report_twin(run: RunLog, twin, cfg: Config) -> None:

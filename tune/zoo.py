@@ -19,8 +19,10 @@ Fault points (tune/faults.py) mark where the fault-injection tests strike.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections import deque
@@ -252,6 +254,38 @@ def load_or_train_zoo_on_pool(dataset: Dataset, data_ref, cfg: ZooConfig, storag
     `<key>.corrupt-<time>` and trained again; `info["recovered"]` says what happened.
     """
     folder = Path(storage) / "zoos" / zoo_key(dataset, cfg, data_seed, val_fraction)
+    with zoo_lock(folder, progress):  # two searches starting together on one storage train it once
+        return _load_or_train(folder, dataset, data_ref, cfg, num_actors, cpus_per_actor, gpus_per_actor,
+                              resources, progress)
+
+
+@contextlib.contextmanager
+def zoo_lock(folder: Path, progress: Callable[[str], None] = print, every_s: float = 20.0):
+    """Hold `<zoo folder>.lock` (flock, released if the process dies); while another process holds
+    it, wait, saying so every `every_s` seconds."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as fh:
+        waited = None
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited is None or time.time() - waited >= every_s:
+                    progress(f"zoo: another search is pre-training this zoo into {folder}; waiting to reuse it")
+                    waited = time.time()
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load_or_train(folder: Path, dataset: Dataset, data_ref, cfg: ZooConfig, num_actors: int,
+                   cpus_per_actor: float, gpus_per_actor: float, resources: dict | None,
+                   progress: Callable[[str], None]) -> tuple[ZooRefs, dict]:
     info = {"folder": str(folder), "trained": False, "models": []}
     zoo = None
     if (folder / "manifest.json").is_file():
@@ -262,8 +296,8 @@ def load_or_train_zoo_on_pool(dataset: Dataset, data_ref, cfg: ZooConfig, storag
             aside = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
             os.replace(folder, aside)
             info["recovered"] = {"error": str(exc), "moved_to": str(aside)}
-            progress(f"zoo: {folder} failed its integrity check ({str(exc).split(';')[0]}); "
-                     f"moved it to {aside} and pre-training the zoo again")
+            print(f"zoo: {folder} failed its integrity check ({str(exc).split(';')[0]}); "
+                  f"moved it to {aside} and pre-training the zoo again", file=sys.stderr, flush=True)
     if zoo is None:
         start = time.time()
         finished = FinishedModels(folder)
