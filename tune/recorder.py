@@ -27,6 +27,7 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting in the UI
 FINAL_TAG = "dsdm.final"  # JSON of a trial's final metrics, written in the same batch as them
 REUSED_TAG = "dsdm.reused_from"  # run id of the identical finished trial whose results a trial copied
 COMPUTE_TAG = "dsdm.compute"  # where a trial ran ("cpu x1"): identical configs give identical bits only there
+XARCH_NODES_TAG = "dsdm.xarch_nodes"  # JSON {arch: [node ids]}: where the cross-architecture networks trained
 XARCH = "xarch/"  # prefix of the cross-architecture evaluation's keys (the trial's own are unprefixed)
 # MLflow 3 opens an experiment by its kind; untagged ones may open on the GenAI "Traces" page
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -41,9 +42,14 @@ def experiment_name(dataset: str, ipc: int) -> str:
     return f"dsdm-{dataset}-ipc{ipc}"
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (every node reaches it), not a file on this machine."""
+    return uri.startswith(("http://", "https://"))
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast with one line instead of MLflow's long retry loop on a dead server."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return
     import urllib.error
     import urllib.parse
@@ -90,7 +96,10 @@ class Recorder:
             recorder = cls(uri, "", search_id)
             exp = recorder.client.get_experiment_by_name(experiment)
             if exp is None:
-                location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+                # a tracking server stores artifacts where its --artifacts-destination says; a local
+                # root would be a path on whichever node logs (the driver's folder, on a cluster)
+                local = artifact_root is not None and not is_server(uri)
+                location = Path(artifact_root).resolve().as_uri() if local else None
                 recorder.experiment_id = recorder.client.create_experiment(experiment, artifact_location=location)
             else:
                 recorder.experiment_id = exp.experiment_id

@@ -137,8 +137,10 @@ def run_search(args: argparse.Namespace) -> dict:
                                            "search.space": json.dumps(sorted(space))})
         with exp.running():
             table = _tune_and_cross_arch(args, exp, space)
-            tables = exp.storage.local_only()  # with a URI storage, the tables stay in --local-dir
-            md, pq = (Path(f) for f in write_tables(table, tables, name))
+            # in --local-dir (printed, logged to MLflow) and, with a URI storage, beside the Tune run
+            md, pq = (Path(f) for f in write_tables(table, exp.storage.local_only(), name))
+            if exp.storage.remote:
+                write_tables(table, exp.storage, name)
             if table[table["status"] == "DONE"].empty:  # every trial errored: a failed search
                 raise no_trial_done(exp.storage, name)
             best = table.iloc[0].to_dict()
@@ -181,7 +183,7 @@ def _tune_and_cross_arch(args: argparse.Namespace, exp, space: dict):
     tuner = make_tuner(trainable, exp.runner, exp.storage, exp.name, space, restore=args.resume,
                        search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples)
     results = exp.fit(tuner)
-    record_placement(exp.storage.local_only(), exp.name, exp.data_ref, exp.zoo_info)
+    record_placement(exp.storage, exp.name, exp.data_ref, exp.zoo_info)
     if STOP.signal is not None:
         raise KeyboardInterrupt  # Tune saved its state; finished trials stay finished
 
@@ -199,7 +201,8 @@ def _tune_and_cross_arch(args: argparse.Namespace, exp, space: dict):
     jobs = [xa.CrossArchJob(trial_id, sets[trial_id], arch,
                             {**eval_cfg, "archs": [arch], "runs": runs + 2 if arch == "convnet3" else runs})
             for arch in xa.CROSS_ARCHS for trial_id in chosen]  # "ConvNet-3 with more runs"
-    cross = xa.run_cross_arch(jobs, exp.data_ref, exp.runner.trial_cpus, progress=lambda line: print(line, flush=True))
+    cross = xa.run_cross_arch(jobs, exp.data_ref, exp.runner.trial_cpus, lambda line: print(line, flush=True),
+                              exp.runner.trial_gpus)
     xa.record_cross_arch(exp.recorder, exp.parent.run_id, cross, prefix=XARCH)
     for trial_id, res in {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
                                          for t, v in cross.items()}}.items():

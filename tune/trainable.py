@@ -71,7 +71,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
     torch.set_num_threads(max(1, int(options.threads)))
     cfg = trial_config(base, config)
     d = cfg.distill
-    device = resolve_device("cuda" if options.gpus > 0 else "cpu")
+    device = resolve_device("auto" if options.gpus > 0 else "cpu")  # GPUs asked for, none there: CPU
     dataset = dataset_from_store(ray.get(data[0]))
     pretrain_calls_before = dsdm_zoo.PRETRAIN_CALLS
 
@@ -191,7 +191,8 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
 
     hooks = RunHooks(log=log, checkpoint=save, proxy_every=int(options.proxy_every),
                      proxy=lambda dist: proxy_accuracy(dist, cfg, int(options.proxy_epochs), device),
-                     after_step=lambda it: fault_point("trial_exit_at", it, trial=trial, resumed_from=resumed_from))
+                     after_step=lambda it: fault_point("trial_exit_at", it, trial=trial, resumed_from=resumed_from,
+                                                         node=node))
     distiller.run(hooks=hooks)
     return distiller, resumed_from
 
