@@ -265,7 +265,9 @@ def eval_metrics(results: dict[str, dict], prefix: str = "") -> dict[str, float]
     return out
 
 def quiet_mlflow() -> None:
-    """No retries against a dead server from inside trials, no git lookups."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    """MLflow calls ride out a tracking-server restart of up to ~2 minutes (6 retries, waits of
+    0+4+8+16+32+64 s; MLflow's default 7 wait ~4 minutes; the driver's `check_reachable` already
+    refuses a server that is down at start), time out in 20 s, and skip git lookups."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "6")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

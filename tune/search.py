@@ -124,7 +124,7 @@ def run_search(args: argparse.Namespace) -> dict:
     def check(storage, name: str) -> None:
         from ray import tune
 
-        if not storage.remote and storage.exists(name) and not args.resume:
+        if storage.exists(name) and not args.resume:  # a folder or a bucket prefix
             raise DsdmError(f"'{storage.uri(name)}' already holds a search; pass --resume to continue it or --name NEW "
                             "for a new one")
         if args.resume and not tune.Tuner.can_restore(storage.uri(name)):

@@ -175,8 +175,10 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
         return {**metrics, "iteration": it, "resumed_from": resumed_from, "node": node, METRIC: last_proxy["val"]}
 
     # An attempt stopped after logging iteration i but before Tune kept its checkpoint replays i
-    # from an earlier checkpoint (bit-exact): MLflow keeps the first record of each step.
-    logged_up_to = run.last_step("iteration") if resumed_from else -1
+    # from an earlier checkpoint (bit-exact): MLflow keeps the first record of each step. Also
+    # from no checkpoint at all: a driver killed before Tune's experiment snapshot listed one
+    # restores the trial at iteration 0, into the run that already holds its first iterations.
+    logged_up_to = run.last_step("iteration")
 
     def log(metrics: dict, it: int) -> None:
         if it > logged_up_to:
