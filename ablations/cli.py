@@ -13,7 +13,7 @@ from dsdm.cli import HelpFormatter
 from dsdm.config import BUDGETS
 from dsdm.errors import DsdmError
 from tune.runner import BUDGET_HELP, DATASET_HELP, Runner, add_data_flags, add_runner_flags
-from tune.signals import STOP, interrupted_exit
+from tune.signals import run_command
 
 # Distillation seeds a sweep runs when --seeds is not given: paired statistics need >= 2.
 DEFAULT_SEEDS = {"resolve": "2"}
@@ -61,16 +61,7 @@ def cli(run: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParse
     args = parser.parse_args(argv)
     args.seeds = args.seeds or DEFAULT_SEEDS.get(args.budget, "1")
     args.command = " ".join(["python -m", parser.prog.split()[-1], *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
-    prog = parser.prog.split()[-1]
-    STOP.install(prog)  # SIGINT/SIGTERM stop Tune after it saved its state, as in tune.search
-    try:
-        run(args)
-    except DsdmError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        return interrupted_exit(parser.prog, exc)
-    return 0
+    return run_command(parser.prog, lambda: run(args))
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from ablations.sweep import Cell, cell_ids, run_sweep
 from ablations.stats import Effect, mean_ci, paired_difference
 from dsdm.config import BUDGETS, DistillConfig
 from dsdm.errors import DsdmError
+from dsdm.io import atomic_write_text
 
 MIN_ITERATIONS = 1000
 EVAL_NETS = 10
@@ -124,8 +125,7 @@ def run(args):
                 f"({e.protocol} protocol, {e.epochs or 'protocol'} epochs), command `{getattr(args, 'command', '')}`.")
         text = head + "\n\n" + body + "\n"
         path = Path(args.results) / "fidelity" / f"{out.cfg.data.dataset}-ipc{ipc}-arms.md"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_write_text(path, text)
         print(text + f"\narms table: {path}", flush=True)
         return out
 

@@ -6,7 +6,7 @@ values per axis so the test stays short; the other budgets run the paper's grids
 
 `--search N` asks instead which λ is best at this budget: N Optuna trials (TPE, seeded by
 `--search-seed`) over λ1 / λ2 with M and E fixed at the budget's values (`tune.search`,
-selected on the validation split), then the best trial's λ against the paper's defaults
+selected on the validation split; tune/optuna_search.py, called with a SearchSpec), then the best trial's λ against the paper's defaults
 (λ1 = 50, λ2 = 0.2) as a paired sweep of two cells (every seed x evaluation network in both),
 reported on the test split with the paired difference, its CI and the verdict:
 
@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ablations.cli import build_parser, cli, for_each_ipc, parse_ints, parse_seeds, sweep_session
 from ablations.sweep import Cell, common_overrides, run_sweep, sweep_configs, sweep_name
 from ablations.stats import EffectSpec
 from dsdm.errors import DsdmError
+from tune.optuna_search import SearchSpec
+from tune.runner import Runner
 from tune.storage import Storage
 
 LAMBDA1 = (0.01, 10.0, 50.0, 100.0)
@@ -64,30 +67,19 @@ def comparison_seeds(asked: list[int], search_seed: int) -> list[int]:
 
 
 # --- --search N -------------------------------------------------------------------------------------
-def search_argv(args: argparse.Namespace, ipc: int, name: str, fix: dict[str, int], zoo: dict[str, str]) -> list[str]:
-    """tune.search's command line: the sweep's flags, M and E fixed, the sweeps' shared zoo."""
-    argv = ["--dataset", args.dataset, "--ipc", str(ipc), "--budget", args.budget, "--num-samples", str(args.search),
-            "--storage", str(args.storage), "--local-dir", str(args.local_dir), "--name", name,
-            "--seed", str(args.search_seed), "--cross-arch", "none", "--max-failures", str(args.max_failures),
-            "--trial-cpus", str(args.trial_cpus), "--trial-gpus", str(args.trial_gpus),
-            "--zoo-cpus", str(args.zoo_cpus), "--zoo-gpus", str(args.zoo_gpus),
-            "--fix", *(f"{k}={v}" for k, v in fix.items())]
-    for flag, value in (("--data-root", args.data_root), ("--address", args.address), ("--num-cpus", args.num_cpus),
-                        ("--mlflow-uri", args.mlflow_uri), ("--zoo-actors", args.zoo_actors)):
-        if value is not None:
-            argv += [flag, str(value)]
-    if args.offline:
-        argv.append("--offline")
-    for pair in [*args.set, *(f"{k}={v}" for k, v in zoo.items())]:
-        argv += ["--set", pair]
-    return argv
+def search_spec(args: argparse.Namespace, ipc: int, name: str, fix: dict[str, int], zoo: dict[str, str]) -> SearchSpec:
+    """The Optuna search this sweep asks for: λ only (M and E fixed), the sweeps' shared zoo."""
+    return SearchSpec(dataset=args.dataset, ipc=ipc, budget=args.budget, num_samples=args.search,
+                      seed=args.search_seed, fix=tuple(f"{k}={v}" for k, v in fix.items()),
+                      sets=(*args.set, *(f"{k}={v}" for k, v in zoo.items())), name=name, cross_arch="none",
+                      data_root=args.data_root, offline=args.offline)
 
 
-def run_search(args: argparse.Namespace, ipc: int, argv: list[str], path: Path):
+def run_search(args: argparse.Namespace, spec: SearchSpec, path: Path):
     """The Optuna search (resumed or reused under --resume); its trial table, best first by val."""
     import pandas as pd
 
-    from tune import search as tune_search
+    from tune import optuna_search
 
     table_file = path / "trials.parquet"
     if args.resume and table_file.is_file():
@@ -95,16 +87,15 @@ def run_search(args: argparse.Namespace, ipc: int, argv: list[str], path: Path):
         if (table["status"] == "DONE").sum() >= args.search:
             print(f"lambdas: the search at '{path}' is complete; reusing its {len(table)} trials", flush=True)
             return table
-    if args.resume and path.exists():
-        argv = [*argv, "--resume"]
-    return tune_search.run_search(tune_search.build_parser().parse_args(argv))["table"]
+    spec = replace(spec, resume=bool(args.resume and path.exists()))
+    return optuna_search.run_search(spec, Runner.from_args(args), prog="ablations.lambdas")["table"]
 
 
 def search_and_compare(args: argparse.Namespace, ipc: int):
     import ray
 
     if ray.is_initialized():
-        raise DsdmError("--search runs tune.search, which starts Ray itself; call it without a Ray session "
+        raise DsdmError("--search runs the Optuna search, which starts Ray itself; call it without a Ray session "
                         "(or pass --address to use a cluster)")
     base, _ = sweep_configs(args.budget, common_overrides(args, ipc), comparison_cells(50.0, 0.2))
     fix = {"M": base.distill.num_models, "E": base.distill.pretrain_epochs}
@@ -112,7 +103,7 @@ def search_and_compare(args: argparse.Namespace, ipc: int):
     storage = Storage.open(args.storage, args.local_dir)
     name = f"lambda_optuna-{base.data.dataset}-ipc{ipc}-{args.budget}"  # Optuna trials; the comparison: lambda_search-*
     seeds = comparison_seeds(parse_seeds(args.seeds), args.search_seed)
-    table = run_search(args, ipc, search_argv(args, ipc, name, fix, zoo), storage.local / name)
+    table = run_search(args, search_spec(args, ipc, name, fix, zoo), storage.local / name)
     done = table[table["status"] == "DONE"].sort_values("val_acc", ascending=False)
     if done.empty:
         raise DsdmError(f"no trial of the search at '{storage.uri(name)}' finished; rerun with --resume")

@@ -1,8 +1,8 @@
-"""Sweep tables (markdown + parquet, written atomically) and plots in the style of the paper's figures."""
+"""Sweep tables (markdown + parquet, each replaced whole by dsdm.io's writer) and plots in the style of
+the paper's figures."""
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dsdm.config import Config  # noqa: E402
+from dsdm.io import atomic_write, atomic_write_text  # noqa: E402
 
 
 def budget_line(cfg: Config) -> str:
@@ -112,13 +113,6 @@ def markdown(table, meta: dict) -> str:
     return text + (f"\n{meta['verdict']}\n" if meta.get("verdict") else "")
 
 
-def _atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def write_sweep(table, stem: Path, meta: dict, runs=None) -> dict[str, Path]:
     """stem.md, stem.parquet, stem.png and (given the per-network values) stem-runs.parquet,
     each replaced atomically."""
@@ -128,17 +122,17 @@ def write_sweep(table, stem: Path, meta: dict, runs=None) -> dict[str, Path]:
                          paper_setting=meta.get("paper_setting") or "", command=meta.get("command", ""),
                          protocol=cfg.eval.protocol, eval_epochs=cfg.eval.epochs, eval_runs=cfg.eval.runs,
                          seeds=",".join(map(str, meta["seeds"])), verdict_line=meta.get("verdict", ""))
-    md = _atomic(stem.with_suffix(".md"), lambda p: p.write_text(markdown(table, meta)))
-    pq = _atomic(stem.with_suffix(".parquet"), lambda p: frame.to_parquet(p, engine="pyarrow", index=False))
-    png = _atomic(stem.with_suffix(".png"), lambda p: plot_sweep(table, p, meta))
+    md = atomic_write_text(stem.with_suffix(".md"), markdown(table, meta))
+    pq = atomic_write(stem.with_suffix(".parquet"), lambda fh: frame.to_parquet(fh, engine="pyarrow", index=False))
+    png = atomic_write(stem.with_suffix(".png"), lambda fh: plot_sweep(table, fh, meta))
     files = {"md": md, "parquet": pq, "png": png}
     if runs is not None:
-        files["runs"] = _atomic(stem.with_name(f"{stem.name}-runs.parquet"),
-                                lambda p: runs.to_parquet(p, engine="pyarrow", index=False))
+        files["runs"] = atomic_write(stem.with_name(f"{stem.name}-runs.parquet"),
+                                     lambda fh: runs.to_parquet(fh, engine="pyarrow", index=False))
     return files
 
 
-def plot_sweep(table, path: Path, meta: dict) -> Path:
+def plot_sweep(table, path, meta: dict):
     """One panel per group: accuracy vs x with 95% CI error bars like Figure 5, or bars; the
     paper's CIFAR-10 curve in a panel of its own (its shape, not its level, is comparable);
     the verdict line as the caption."""
@@ -240,13 +234,13 @@ def write_pivot(rows: list[dict], stem: Path, title: str, meta: dict[str, Any], 
         lines.append(f"Command: `{meta['command']}`")
     text = "\n".join(lines) + "\n\n" + pivot_display(long, row_name).to_markdown(index=False) + "\n"
     frame = long.assign(budget=meta["cfg"].budget, wall_s=meta["wall_s"], command=meta.get("command", ""))
-    md = _atomic(stem.with_suffix(".md"), lambda p: p.write_text(text))
-    pq = _atomic(stem.with_suffix(".parquet"), lambda p: frame.to_parquet(p, engine="pyarrow", index=False))
-    png = _atomic(stem.with_suffix(".png"), lambda p: _pivot_plot(long, p, title))
+    md = atomic_write_text(stem.with_suffix(".md"), text)
+    pq = atomic_write(stem.with_suffix(".parquet"), lambda fh: frame.to_parquet(fh, engine="pyarrow", index=False))
+    png = atomic_write(stem.with_suffix(".png"), lambda fh: _pivot_plot(long, fh, title))
     return {"md": md, "parquet": pq, "png": png}
 
 
-def _pivot_plot(long, path: Path, title: str) -> Path:
+def _pivot_plot(long, path, title: str):
     """Grouped bars: one group per row, one bar per IPC; the paper's value as a black tick."""
     names, ipcs = list(dict.fromkeys(long["row"])), list(dict.fromkeys(long["ipc"]))
     fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(names) * max(1, len(ipcs)) * 0.7, 3.6))

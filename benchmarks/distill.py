@@ -101,7 +101,7 @@ def bench_dataset(shape: dict, seed: int = 0):
 
 def bench_zoo(dataset, models: int):
     """`models` random-init ConvNet-3s as a zoo with one snapshot (epoch 1)."""
-    from dsdm.train import build_model
+    from dsdm.models import build_model
     from dsdm.zoo import ModelZoo
 
     zoo = ModelZoo("convnet3", dataset.name, dataset.channels, dataset.num_classes, dataset.image_size, {})

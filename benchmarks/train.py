@@ -38,7 +38,8 @@ import torch
 
 from dsdm.config import ZooConfig
 from dsdm.recipes import get_protocol
-from dsdm.train import TrainRecipe, build_model, resolve_device, stack_networks, train_classifier, train_classifiers
+from dsdm.models import build_model
+from dsdm.train import TrainRecipe, resolve_device, stack_networks, train_classifier, train_classifiers
 from dsdm.recipes import zoo_recipe
 from benchmarks.docs import replace_section
 

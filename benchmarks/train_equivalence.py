@@ -32,7 +32,8 @@ from dsdm.coreset import select_coreset
 from dsdm.data import load_dataset
 from dsdm.recipes import get_protocol
 from dsdm.models import list_models
-from dsdm.train import accuracy, build_model, train_classifier
+from dsdm.models import build_model
+from dsdm.train import accuracy, train_classifier
 
 PATHS = {"baseline": {"path": "baseline"}, "fast": {}, "fast-bf16": {"precision": "bf16"},
          "fast-bf16-compiled": {"precision": "bf16", "compile": True}}  # name -> TrainRecipe fields

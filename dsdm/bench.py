@@ -13,6 +13,8 @@ from pathlib import Path
 TARGETS = {
     "distill": "benchmarks.distill",  # seconds per distillation iteration, fast vs reference
     "train": "benchmarks.train",  # classifier training (evaluation, zoo), baseline vs fast vs stacked
+    "eval-cell": "benchmarks.evalcell",  # one sweep cell's evaluation, today's path vs the new default
+    "convrate": "benchmarks.convrate",  # ConvNet-3's convolutions alone: the rate this CPU attains, and the loops' share
 }
 
 

@@ -34,6 +34,7 @@ PRECISIONS = ("fp32", "bf16")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 # Named recipes of dsdm.recipes.PROTOCOLS (listed here so a config validates without torch).
 PROTOCOL_NAMES = ("dsdm", "dsdm-uniform", "dm")
+SCORINGS = ("joint", "each")  # joint: all networks in one pass (default); each: one by one (before 2026-12)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class EvalConfig:
     compile: str = "off"  # torch.compile the training step: on | off | auto (on for >= 10K steps per network)
     batch_nets: str = "auto"  # train the runs of an architecture as one stacked model: on | off | auto (on for CUDA)
     precision: str = "fp32"  # fast path: fp32 | bf16 (autocast forward; weights, optimiser and loss in fp32)
+    # final scoring (dsdm.inference; the same accuracies up to float reassociation)
+    scoring: str = "joint"  # joint: all networks of an architecture in one pass over val/test | each: one by one (before 2026-12)
+    score_compile: str = "auto"  # joint: torch.compile the scoring forward: on | off | auto (CPU, >= 40K image-forwards)
+    score_batch: int = 0  # joint: images per scoring batch; 0 = auto (256 on CPU, 4096 on CUDA)
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,7 @@ class Config:
         _one_of("eval.protocol", self.eval.protocol, PROTOCOL_NAMES)
         _one_of("distill.match_protocol", d.match_protocol, PROTOCOL_NAMES)
         _check_distill_levers(d)
+        _check_scoring(self.eval)
         return self
 
 
@@ -207,6 +213,14 @@ def _check_training_levers(section_cfg: Any, section: str) -> None:
     if section_cfg.precision != "fp32" and section_cfg.train_path == "baseline":
         raise DsdmError(f"{section}.precision={section_cfg.precision} runs on the fast training path only; "
                         f"set {section}.train_path=fast")
+
+
+def _check_scoring(e: "EvalConfig") -> None:
+    """The final val/test scoring's levers (dsdm.inference reads them)."""
+    _one_of("eval.scoring", e.scoring, SCORINGS)
+    _one_of("eval.score_compile", e.score_compile, SWITCH)
+    if e.score_batch < 0:
+        raise DsdmError(f"eval.score_batch must be >= 0 (0 = auto), got {e.score_batch}")
 
 
 def _check_distill_levers(d: "DistillConfig") -> None:

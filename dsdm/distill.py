@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from dsdm import checkpoint as checkpoint_file
 from dsdm.augment import augment, decode, encode_tiles, sample_aug_params
 from dsdm.config import Config
 from dsdm.coreset import check_ipc
@@ -46,21 +47,11 @@ from dsdm.errors import DsdmError
 from dsdm.fastpath import DrawPool, RealFeatureCache, embed, embed_as_is, embed_chunked
 from dsdm.losses import TERMS, RealSide, dsdm_class_loss, dsdm_losses
 from dsdm.memory import MemoryBank
-from dsdm.io import atomic_torch_save, safe_torch_load
 from dsdm.recipes import match_ops
 from dsdm.synthetic import SyntheticSet, tile_grid
-from dsdm.train import build_model
-from dsdm.zoo import SPEED_LEVERS, ModelZoo, zoo_arch
+from dsdm.models import build_model
+from dsdm.zoo import ModelZoo, zoo_arch
 
-CHECKPOINT_FORMAT = "dsdm-distill-checkpoint"
-# Revision of what a checkpoint's trajectory means (the file format itself is still version 1):
-# 2 = the fast path replays per-class steps, the pool's refresh state, per-dataset matching ops.
-CHECKPOINT_REVISION = 2
-# Keys a checkpoint may be resumed under with another value: they change when and what is
-# logged or evaluated, how far to iterate, or float rounding only -- never the trajectory so far.
-RESUMABLE_KEYS = frozenset({"budget", "distill.iterations", "distill.log_every", "distill.checkpoint_every",
-                            "distill.compile", "distill.forward_chunk", "distill.cache_max_mb",
-                            "distill.nchw_input", "distill.batched_loss", *(f"zoo.{k}" for k in SPEED_LEVERS)})
 LogFn = Callable[[dict, int], None]
 # distill.compile=auto compiles the fast path's synthetic forward only for runs long enough to
 # amortise the compile (about 1-3 min on 2 CPU cores; ~0.4 s saved per CIFAR-shape iteration).
@@ -347,19 +338,10 @@ class Distiller:
         self.iteration = int(state["iteration"])
 
     def save_checkpoint(self, path: str | Path) -> None:
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": 1, "revision": CHECKPOINT_REVISION, "config": self.cfg.plain(),
-                           "state": self.state_dict()}, path)
+        checkpoint_file.save(path, self.cfg, self.state_dict())
 
     def load_checkpoint(self, path: str | Path) -> None:
-        payload = safe_torch_load(path, expect=CHECKPOINT_FORMAT, what="distillation checkpoint",
-                                  fix="delete it to start over, or pass the checkpoint of this run")
-        differ = config_mismatch(payload["config"], self.cfg)
-        if payload.get("revision", 1) < CHECKPOINT_REVISION:
-            differ += revision1_changes(self)
-        if differ:
-            raise DsdmError(f"checkpoint '{path}' was written by a different config ({', '.join(differ)}); "
-                            "delete it or rerun with that config")
-        self.load_state_dict(payload["state"])
+        self.load_state_dict(checkpoint_file.load(path, self.cfg, revision1_changes=lambda: revision1_changes(self)))
 
     def checkpoint_due(self, iteration: int) -> bool:
         d = self.cfg.distill
@@ -398,19 +380,6 @@ class Distiller:
                 if hooks.checkpoint is not None:
                     hooks.checkpoint(metrics, it)
         return self.synthetic_set()
-
-
-def config_mismatch(saved: dict, cfg: Config) -> list[str]:
-    """'key: saved -> now' for each setting that would change the trajectory on resume.
-
-    A key the checkpoint lacks (added to Config since) counts as its default value, except
-    distill.match_protocol: before it existed, eval.protocol chose the matching augmentation.
-    No eval key changes the trajectory."""
-    now, defaults = cfg.plain(), Config().plain()
-    if "distill.match_protocol" not in saved:
-        saved = {**saved, "distill.match_protocol": saved.get("eval.protocol", defaults["eval.protocol"])}
-    return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
-            if not k.startswith("eval.") and k not in RESUMABLE_KEYS and saved.get(k, defaults[k]) != v]
 
 
 def revision1_changes(distiller: Distiller) -> list[str]:

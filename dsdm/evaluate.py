@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
 
 from dsdm.config import EvalConfig
 from dsdm.data import Dataset
+from dsdm.inference import score_networks, scoring_plan
+from dsdm.phases import PhaseClock
 from dsdm.recipes import get_protocol, set_recipe
 from dsdm.synthetic import SyntheticSet
-from dsdm.train import (TrainRecipe, accuracy, build_model, speed_levers, stack_networks, train_classifier,
+from dsdm.models import build_model
+from dsdm.train import (TrainRecipe, accuracy, speed_levers, stack_networks, train_classifier,
                         train_classifiers)
 
 
 def train_and_score(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Dataset,
-                    recipe: TrainRecipe, seed: int, device: torch.device) -> dict[str, float]:
+                    recipe: TrainRecipe, seed: int, device: torch.device,
+                    clock: PhaseClock | None = None) -> dict[str, float]:
     """One freshly initialised network trained on (x, y); final-epoch val and test accuracy."""
-    model = build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, seed).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    train_classifier(model, x.to(device), y.to(device), dataset.mean, dataset.std, recipe, generator)
-    return _scores(model, dataset)
+    with _phase(clock, "eval_train"):
+        model = build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, seed).to(device)
+        generator = torch.Generator().manual_seed(seed)
+        train_classifier(model, x.to(device), y.to(device), dataset.mean, dataset.std, recipe, generator)
+    with _phase(clock, "eval_score"):
+        return _scores(model, dataset)
 
 
 def train_and_score_stacked(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Dataset,
@@ -38,6 +45,30 @@ def train_and_score_stacked(arch: str, x: torch.Tensor, y: torch.Tensor, dataset
     return [_scores(m, dataset) for m in models]
 
 
+def train_and_score_all(arch: str, x: torch.Tensor, y: torch.Tensor, dataset: Dataset, recipe: TrainRecipe,
+                        seeds: Sequence[int], device: torch.device, cfg: EvalConfig,
+                        stacked: bool = False, clock: PhaseClock | None = None) -> list[dict[str, float]]:
+    """The networks of `seeds` trained as `train_and_score` trains them (stacked or one by one),
+    then scored together: one pass over val and over test for all of them (dsdm.inference)."""
+    with _phase(clock, "eval_train"):
+        models = [build_model(arch, dataset.channels, dataset.num_classes, dataset.image_size, s).to(device) for s in seeds]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        x, y = x.to(device), y.to(device)
+        if stacked and len(models) > 1:
+            train_classifiers(models, x, y, dataset.mean, dataset.std, recipe, generators)
+        else:
+            for model, generator in zip(models, generators):
+                train_classifier(model, x, y, dataset.mean, dataset.std, recipe, generator)
+    splits = {"val": (dataset.val_x, dataset.val_y), "test": (dataset.test_x, dataset.test_y)}
+    plan = scoring_plan(cfg, device, len(models) * (len(dataset.val_y) + len(dataset.test_y)))
+    with _phase(clock, "eval_score"):
+        return score_networks(models, splits, dataset.mean, dataset.std, **plan)
+
+
+def _phase(clock: PhaseClock | None, name: str):
+    return nullcontext() if clock is None else clock.phase(name)
+
+
 def _scores(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
     return {
         "val": accuracy(model, dataset.val_x, dataset.val_y, dataset.mean, dataset.std),
@@ -47,11 +78,14 @@ def _scores(model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
 
 def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device: torch.device,
                  on_run: Callable[[str, int, dict], None] | None = None,
-                 run_ids: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+                 run_ids: Sequence[int] | None = None, clock: PhaseClock | None = None) -> dict[str, dict[str, Any]]:
     """Per architecture: mean/std/each run's test accuracy (%) and the same for validation.
 
     `run_ids` picks which of the cfg.runs networks to train (run i is seeded cfg.seed*1000+i), so
-    the runs can be spread over processes and joined with `merge_results`."""
+    the runs can be spread over processes and joined with `merge_results`. With cfg.scoring=joint
+    (default) an architecture's networks are trained, then scored in one pass (on_run reports them
+    after it); with `each`, each network is scored as soon as it is trained. A `clock` gets the
+    seconds of training (eval_train) and scoring (eval_score) apart (stacked `each`: all in eval_train)."""
     x, y = synset.decoded()
     protocol = get_protocol(cfg.protocol)
     recipe = speed_levers(set_recipe(protocol, synset, dataset.name, cfg.epochs), len(x), cfg)
@@ -61,10 +95,13 @@ def evaluate_set(synset: SyntheticSet, dataset: Dataset, cfg: EvalConfig, device
         tests, vals, start = [], [], time.time()
         runs = list(range(cfg.runs) if run_ids is None else run_ids)
         seeds = [cfg.seed * 1000 + run for run in runs]
-        if stacked and len(runs) > 1:
-            all_scores = train_and_score_stacked(arch, x, y, dataset, recipe, seeds, device)
+        if cfg.scoring == "joint":
+            all_scores = train_and_score_all(arch, x, y, dataset, recipe, seeds, device, cfg, stacked, clock)
+        elif stacked and len(runs) > 1:
+            with _phase(clock, "eval_train"):
+                all_scores = train_and_score_stacked(arch, x, y, dataset, recipe, seeds, device)
         else:  # lazily, so on_run reports each network as soon as it is trained
-            all_scores = (train_and_score(arch, x, y, dataset, recipe, s, device) for s in seeds)
+            all_scores = (train_and_score(arch, x, y, dataset, recipe, s, device, clock) for s in seeds)
         for run, scores in zip(runs, all_scores):
             tests.append(100 * scores["test"])
             vals.append(100 * scores["val"])

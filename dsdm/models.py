@@ -180,3 +180,10 @@ class DenseNetCifar(DenseNet):
 @register_model("densenet121")
 def densenet121(channels: int, num_classes: int, image_size: tuple[int, int]) -> DenseNetCifar:
     return DenseNetCifar(channels, num_classes)
+
+
+def build_model(arch: str, channels: int, num_classes: int, image_size: tuple[int, int], seed: int):
+    """A freshly initialised network; seeding stays local so callers' RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_model(arch, channels, num_classes, image_size)

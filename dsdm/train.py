@@ -29,7 +29,6 @@ from dsdm.augment import (AugParams, CutMixDraw, apply_cutmix, augment, cutmix, 
                           normalize, sample_aug_params, sample_cutmix)
 from dsdm.config import PRECISIONS, SWITCH, TRAIN_PATHS
 from dsdm.errors import DsdmError
-from dsdm.models import get_model
 
 MEMORY_FORMATS = ("nchw", "channels_last", "as_is")  # as_is: whatever strides DSA returns (baseline)
 AUTO_COMPILE_STEPS = 10_000  # compile=auto: ~1 min of compiling pays back only over this many steps (CPU)
@@ -80,13 +79,6 @@ def stack_networks(batch_nets: str, device: torch.device | str) -> bool:
 def _check_switch(name: str, value: str) -> None:
     if value not in SWITCH:
         raise DsdmError(f"{name} must be one of {', '.join(SWITCH)}, got '{value}'")
-
-
-def build_model(arch: str, channels: int, num_classes: int, image_size: tuple[int, int], seed: int):
-    """A freshly initialised network; seeding stays local so callers' RNG is untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_model(arch, channels, num_classes, image_size)
 
 
 def train_classifier(

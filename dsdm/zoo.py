@@ -22,7 +22,8 @@ from dsdm.data import Dataset
 from dsdm.errors import DsdmError
 from dsdm.recipes import zoo_recipe
 from dsdm.io import atomic_torch_save, atomic_write_text, sha256_file
-from dsdm.train import accuracy, build_model, speed_levers, stack_networks, train_classifiers
+from dsdm.models import build_model
+from dsdm.train import accuracy, speed_levers, stack_networks, train_classifiers
 
 # how a zoo is trained, not which zoo (not in zoo_key); precision is in it when not fp32 (bf16 rounds the weights)
 SPEED_LEVERS = ("train_path", "compile", "batch_nets", "group_size")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers with a 2-thread torch each (and their subprocesses) oversubscribe 2 cores: one each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import dsdm  # noqa: E402,F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch starts OpenMP)
 import pytest  # noqa: E402
@@ -15,6 +18,18 @@ SHARED = Path(os.environ.get("DSDM_SHARED_DATA") or Path(__file__).resolve().par
 
 # The tiny zoo every distillation/coreset test shares (seconds to train on digits).
 TINY_ZOO = {"num_models": 2, "snapshots": (1, 2), "max_per_class": 30}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Intra-op threads spin-wait against each other on a shared 2-core box (~20 ms per op); the
+    tensors of the unit tests are tiny, so one thread is both faster and stable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

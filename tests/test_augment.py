@@ -10,14 +10,7 @@ from dsdm.augment import (EVAL_OPS, MATCH_OPS, AugParams, Op, apply_aug, augment
 from dsdm.errors import DsdmError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads spin-wait against each other on a shared 2-core box (~20 ms per op);
-    these tensors are tiny, so one thread is both faster and stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 ALL_OPS = tuple(Op)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
+
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = [sys.executable, "-m", "tune.search", "--budget", "smoke", "--num-samples", "2", "--cross-arch", "none"]
 DSDM = [sys.executable, "-m", "dsdm"]

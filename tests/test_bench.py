@@ -131,3 +131,32 @@ def test_train_equivalence_compares_the_paths_asked_for(tmp_path):
     assert (r["dataset"], r["arch"], r["images"]) == ("digits", "resnet10", 400)
     assert set(r["test"]) == {"fast", "fast-bf16"} and all(0 < v[0] <= 100 for v in r["test"].values())
     assert set(r["max_abs_diff"]) == {"fast-bf16"}
+
+
+def test_eval_cell_prints_todays_and_the_new_cell_time_with_the_ratio(tmp_path):
+    """`python -m dsdm.bench --eval-cell`: both paths in one run, the ratio under a key with 'cell';
+    without data or a distilled set it uses random pixels and a noise set of the cell's shape."""
+    out = tmp_path / "cell.json"
+    proc = _run(["-m", "dsdm.bench", "--eval-cell", "--cells", "resolve-fashionmnist-ipc1", "--nets", "2", "--epochs", "1",
+                 "--score-images", "40", "--data-root", str(tmp_path / "none"), "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads(out.read_text())["eval_cell"]["resolve-fashionmnist-ipc1"]
+    assert (c["nets"], c["epochs"], c["budget_epochs"], c["train_images"]) == (2, 1, 300, 40) and c["random_pixels"]
+    for path in ("today", "new"):
+        r = c[path]
+        assert r["cell_s"] > 0 and r["train_s"] > 0 and r["score_s"] > 0 and len(r["test_runs"]) == 2
+        assert "peak_rss_mb" in r["memory"]
+    assert c["new"]["cell_speedup"] == pytest.approx(c["today"]["cell_s"] / c["new"]["cell_s"])
+    assert c["new"]["accuracies_equal_today"], "joint scoring reports today's accuracies"
+    assert "| resolve-fashionmnist-ipc1 (random pixels) | 2 x 1 | 1 | new |" in proc.stdout
+
+
+def test_convrate_quick_prints_the_three_tables(tmp_path):
+    out = tmp_path / "rate.json"
+    proc = _run(["-m", "dsdm.bench", "--convrate", "--quick", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())["convrate"]
+    assert r["flops_forward"] == pytest.approx(96.7e6, rel=0.01)  # ConvNet-3 at 28x28: 2.4 + 75.5 + 18.9 MFLOP
+    assert r["conv"][0]["forward_gflops"] > 0 and {n["kind"] for n in r["net"]} == {"inference", "train_step"}
+    assert len(r["loops"]) == 4 and all(0 < c["fraction"] for c in r["loops"])
+    assert all(t in proc.stdout for t in ("A. The convolutions alone", "B. The whole ConvNet-3", "C. The project's loops"))

@@ -25,6 +25,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
+
 REPO = Path(__file__).resolve().parents[1]
 NAME = "digits-ipc10-smoke"
 TINY = ["--set", "distill.iterations=3", "--set", "distill.checkpoint_every=1", "--set", "distill.log_every=1",

@@ -264,7 +264,8 @@ def test_cluster_setup_installs_this_project(config):
     remote_repo = remote_repo[0]
     assert 'name = "dsdm"' in (ROOT / "pyproject.toml").read_text()
     installs = [c for c in config["setup_commands"] if re.search(r"\bpip install\b", c)]
-    assert any(re.search(rf"(^|\s)-e\s+{re.escape(remote_repo)}(\s|$)", c) for c in installs), installs
+    # with the search extra (Ray, Optuna, MLflow, ...): the nodes run tune/ and ablations/
+    assert any(re.search(rf"(^|\s)-e\s+{re.escape(remote_repo)}\[search\](\s|$)", c) for c in installs), installs
     # Ray on the nodes == Ray that runs `ray up` (here: the project's venv)
     env_line = config["metadata"]["dsdm_settings"]["write_env"]
     assert f"DSDM_RAY_VERSION={ray.__version__}" in env_line

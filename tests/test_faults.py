@@ -2,7 +2,7 @@
 
 One chain of `python -m tune.search` runs on a local 1-CPU Ray (trials one at a time, so trial
 number 1 finishes before number 2 starts; 2 samples, 6 iterations, a checkpoint each). Every
-interrupt fires at a NAMED fault point (tune.zoo.fault_point), never on a wall clock:
+interrupt fires at a NAMED fault point (tune.faults.fault_point), never on a wall clock:
 
 0. the search's zoo is already in the storage (pre-trained here) but one snapshot is corrupted
    (a byte flipped: its manifest sha256 no longer matches);
@@ -25,24 +25,25 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import (FINAL_METRICS, ITERATIONS, NAME, REPO, SAMPLES, TINY, finished, last_line, mlflow_runs,
+from helpers import (FINAL_METRICS, ITERATIONS, NAME, SAMPLES, TINY, finished, last_line, mlflow_runs,
                      reports, run_search, search_env, snapshot)
+
+pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
+
 
 def seed_corrupt_zoo(storage: Path, digits) -> Path:
     """Pre-train (in this process) the zoo the search will look for, then corrupt one snapshot."""
     from dsdm.zoo import load_or_train_zoo
-    from tune.search import base_config, build_parser
+    from tune.optuna_search import SearchSpec, base_config
     from tune.space import parse_fixed, search_space
 
-    args = build_parser().parse_args(["--dataset", "digits", "--budget", "smoke", *TINY])
-    fixed = parse_fixed(args.fix)
-    cfg = base_config(args, search_space(args.budget, fixed), fixed)
+    spec = SearchSpec(dataset="digits", budget="smoke", sets=tuple(TINY[1::2]))
+    fixed = parse_fixed(spec.fix)
+    cfg = base_config(spec, search_space(spec.budget, fixed), fixed)
     _, folder = load_or_train_zoo(digits, cfg.zoo, storage / "zoos", cfg.data.seed, cfg.data.val_fraction)
     snapshot = folder / "model000_epoch001.pt"
     data = bytearray(snapshot.read_bytes())

@@ -13,14 +13,7 @@ GEOMETRIES = {  # name: (channels, (H, W))
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Intra-op threads spin-wait against each other on a shared 2-core box (~20 ms per op);
-    these tensors are tiny, so one thread is both faster and stable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def build(name, channels, size, num_classes=10, seed=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsdm.config import make_config
-from dsdm.distill import config_mismatch
+from dsdm.checkpoint import config_mismatch
 from dsdm.errors import DsdmError
 from dsdm.recipes import OFFICIAL_RECIPES, PROTOCOLS, get_protocol, match_ops, official_recipe
 

@@ -1,7 +1,7 @@
 """Records you can trust (issue 16): MLflow runs and trial tables stay right through a second
 search on the same folder, two new searches on one store, a full disk, an interrupt in the zoo
 phase, a search whose trials all fail, and odd values. Every fault fires at a NAMED point
-(tune.zoo.fault_point, DSDM_FAULT_*); the interrupt/resume chain is tests/test_faults.py.
+(tune.faults.fault_point, DSDM_FAULT_*); the interrupt/resume chain is tests/test_faults.py.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import NAME, TINY, last_line, run_search, search_env, snapshot
 
-from dsdm.errors import DsdmError
+pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
 
 REPO = Path(__file__).resolve().parents[1]
 

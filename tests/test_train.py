@@ -13,20 +13,15 @@ from dsdm.config import EvalConfig, ZooConfig, make_config
 from dsdm.errors import DsdmError
 from dsdm.evaluate import evaluate_set
 from dsdm.recipes import get_protocol
-from dsdm.train import (AUTO_COMPILE_STEPS, TrainRecipe, build_model, plan_epoch, speed_levers, stack_networks,
+from dsdm.models import build_model
+from dsdm.train import (AUTO_COMPILE_STEPS, TrainRecipe, plan_epoch, speed_levers, stack_networks,
                         train_classifier, train_classifiers)
 from dsdm.zoo import pretrain_group, pretrain_one
 
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Stable timing on a shared 2-core box; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def subset(ds, n=150):

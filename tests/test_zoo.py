@@ -140,7 +140,7 @@ def test_a_group_trains_the_models_it_would_train_one_by_one(digits):
 
 def test_a_distillation_resumes_across_zoo_speed_levers_but_not_a_bf16_zoo():
     from dsdm.config import Config
-    from dsdm.distill import config_mismatch
+    from dsdm.checkpoint import config_mismatch
 
     saved = Config().plain()
     levers = {"zoo.group_size": 4, "zoo.batch_nets": "on", "zoo.compile": "on", "zoo.train_path": "baseline"}

@@ -11,6 +11,8 @@ import torch
 from dsdm.config import make_config
 from dsdm.zoo import ModelZoo, train_zoo
 
+pytestmark = pytest.mark.slow  # Ray end to end
+
 
 @pytest.fixture()
 def ray_with_fault(tmp_path, monkeypatch):

@@ -91,3 +91,20 @@ def interrupted_exit(prog: str, exc: KeyboardInterrupt) -> int:
     advice = getattr(exc, "advice", "rerun the same command with --resume to finish the others")
     print(f"{prog}: interrupted ({name}); {advice}", file=sys.stderr)
     return 128 + signal.Signals[name].value
+
+
+def run_command(prog: str, run) -> int:
+    """A command's exit code: 0; 2 with one line `<prog>: error: ...` for a DsdmError; 128 + the
+    signal's number with the advice that resumes, for an interrupt. SIGINT and SIGTERM stop a
+    running Tune after it saved its state (the handler names the command by its module)."""
+    from dsdm.errors import DsdmError
+
+    STOP.install(prog.split()[-1])
+    try:
+        run()
+    except DsdmError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        return interrupted_exit(prog, exc)
+    return 0

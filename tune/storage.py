@@ -43,9 +43,8 @@ class Storage:
         if "://" not in text:
             folder = check_local(Path(text))
             return cls(str(folder), folder)
-        store = cls(_strip(text), check_local(Path(local_dir)))
-        store.probe()
-        return store
+        cls(_strip(text), Path(local_dir)).probe()  # first: an unreachable storage leaves nothing behind
+        return cls(_strip(text), check_local(Path(local_dir)))
 
     def local_only(self) -> "Storage":
         """The local folder as a storage of its own (records that stay on this machine)."""
