@@ -34,7 +34,7 @@ def evaluate_other_archs(out, args) -> dict[str, list[tuple[float, float, int]]]
     jobs = [xa.CrossArchJob(row["trial_id"], sets[row["trial_id"]], arch,
                             {**eval_cfg, "archs": [arch], "seed": int(row["seed"])})
             for _, row in todo.iterrows() for arch in OTHER_ARCHS]
-    results = xa.run_cross_arch(jobs, put_dataset(out.dataset), args.trial_cpus) if jobs else {}
+    results = xa.run_cross_arch(jobs, put_dataset(out.dataset), args.trial_cpus, print, args.trial_gpus) if jobs else {}
     xa.record_cross_arch(out.recorder, out.parent_id, results)
     for _, row in done.iterrows():
         for arch in OTHER_ARCHS:

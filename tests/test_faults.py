@@ -23,7 +23,6 @@ The fixture only runs the chain; each test reads what it needs, so any test pass
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 

@@ -7,6 +7,7 @@ spread over the CPUs. Results are joined per (trial, architecture) in submission
 """
 from __future__ import annotations
 
+import json
 import posixpath
 import tempfile
 import time
@@ -19,7 +20,7 @@ import torch
 from dsdm.evaluate import evaluate_set, merge_results
 from dsdm.synthetic import SyntheticSet
 from dsdm.train import resolve_device
-from tune.recorder import XARCH_ENDED_TAG, XARCH_STARTED_TAG, Recorder, eval_metrics
+from tune.recorder import XARCH_ENDED_TAG, XARCH_NODES_TAG, XARCH_STARTED_TAG, Recorder, eval_metrics
 from tune.trainable import SET_FILE
 from tune.zoo import dataset_from_store
 
@@ -60,15 +61,16 @@ class CrossArchJob:
     eval_cfg: dict  # eval section with archs=[arch], runs and seed as this job wants them
 
 
-def run_cross_arch(jobs: list[CrossArchJob], data_ref, trial_cpus: float,
-                   progress=print) -> dict[str, dict[str, dict]]:
-    """{trial id: {arch: merged result}}: one Ray task per network of every job, longest first
-    (DenseNet-121); one progress line per network finished."""
+def run_cross_arch(jobs: list[CrossArchJob], data_ref, trial_cpus: float, progress=print,
+                   trial_gpus: float = 0.0) -> dict[str, dict[str, dict]]:
+    """{trial id: {arch: merged result, with the `nodes` its networks trained on}}: one Ray task per
+    network of every job, longest first (DenseNet-121), with a trial's resources (on a cluster of GPU
+    workers, the GPUs: not a CPU head); one progress line per network finished."""
     owner: dict = {}  # task ref -> (trial id, arch)
     jobs = sorted(jobs, key=lambda j: j.arch != "densenet121")
     for job in jobs:
         for run in range(int(job.eval_cfg["runs"])):
-            ref = cross_arch_task.options(num_cpus=trial_cpus).remote(
+            ref = cross_arch_task.options(num_cpus=trial_cpus, num_gpus=trial_gpus).remote(
                 job.set_ref, [data_ref], job.eval_cfg, max(1, int(trial_cpus)), [run])
             owner[ref] = (job.trial_id, job.arch)
     results: dict = {}
@@ -81,11 +83,15 @@ def run_cross_arch(jobs: list[CrossArchJob], data_ref, trial_cpus: float,
             progress(f"cross-arch: {len(results)}/{len(owner)} networks done, {time.time() - start:.0f}s elapsed")
             continue
         (trial_id, arch), results[ready[0]] = owner[ready[0]], ray.get(ready[0])
-        progress(f"cross-arch: trial {trial_id} {arch} network done, {results[ready[0]][arch]['runs'][0]:.2f}% "
+        done = results[ready[0]][arch]
+        progress(f"cross-arch: trial {trial_id} {arch} network done on node {done['node'][:8]}, {done['runs'][0]:.2f}% "
                  f"test accuracy ({len(results)}/{len(owner)} networks, {time.time() - start:.0f}s elapsed)")
     out: dict[str, dict] = {}
     for key in dict.fromkeys((j.trial_id, j.arch) for j in jobs):  # submission order, not finishing order
-        out.setdefault(key[0], {}).update(merge_results([results[r] for r, k in owner.items() if k == key]))
+        parts = [results[r] for r, k in owner.items() if k == key]
+        nodes = [part[key[1]].pop("node") for part in parts]
+        out.setdefault(key[0], {}).update(merge_results(parts))
+        out[key[0]][key[1]]["nodes"] = nodes
     return out
 
 
@@ -110,7 +116,7 @@ def record_cross_arch(recorder: Recorder, parent_id: str, results: dict[str, dic
     for trial_id, res in results.items():
         run, _ = recorder.trial(trial_id, parent_id)
         run.log_metrics(eval_metrics(res, prefix=prefix))
-        run.set_tags(times)
+        run.set_tags({**times, XARCH_NODES_TAG: json.dumps({arch: r.get("nodes", []) for arch, r in res.items()})})
     recorder.run(parent_id).set_tags(times)
 
 
@@ -122,4 +128,6 @@ def cross_arch_task(synset: SyntheticSet, data: list, eval_cfg: dict, threads: i
     torch.set_num_threads(max(1, threads))
     dataset = dataset_from_store(ray.get(data[0]))
     cfg = EvalConfig(**{**eval_cfg, "archs": tuple(eval_cfg["archs"])})
-    return evaluate_set(synset, dataset, cfg, resolve_device("auto"), run_ids=run_ids)
+    result = evaluate_set(synset, dataset, cfg, resolve_device("auto"), run_ids=run_ids)  # CPU where no CUDA
+    node = ray.get_runtime_context().get_node_id()
+    return {arch: {**r, "node": node} for arch, r in result.items()}

@@ -74,7 +74,8 @@ class Experiment:
                     self.dataset, self.data_ref, self.cfg.zoo, self.storage.local, self.cfg.data.seed,
                     self.cfg.data.val_fraction, self.runner.zoo_pool_size(self.cfg.zoo.num_models),
                     self.runner.zoo_cpus, self.runner.zoo_gpus)
-                self.storage.local_only().write_text(json.dumps(self.zoo_info, indent=1), f"{self.name}.zoo.json")
+                # beside the Tune run (in the bucket on a cluster): what a fresh machine reads of the zoo
+                self.storage.write_text(json.dumps(self.zoo_info, indent=1), f"{self.name}.zoo.json")
                 yield self
         except BaseException as exc:
             self.reserve.release()  # first: on a full disk, this is the room MLflow's sqlite needs below

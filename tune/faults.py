@@ -37,8 +37,10 @@ def fault_point(name: str, where, **context) -> None:
       raise    a RuntimeError naming the fault (an error inside the trial);
       enospc   an OSError(ENOSPC) for the path in context["path"], as a full disk raises it;
       fill     fill the disk for real: write zeros to $DSDM_FAULT_FILL (a file) until it is full;
-      SIGINT / SIGTERM   that signal to the driver (DSDM_FAULT_DRIVER_PID, else this process);
+      SIGINT / SIGTERM / SIGKILL   that signal to the driver (DSDM_FAULT_DRIVER_PID, else this process);
       block    wait until killed (the driver is stopping; gives up after FAULT_BLOCK_S);
+      await    wait until <dir>/<name>.released exists, then go on (something outside acts meanwhile:
+               a node removed, a server restarted; gives up after FAULT_BLOCK_S);
       rmtree   delete the folders in context["paths"] (a node's local files lost).
     Fires once per DSDM_FAULT_DIR: the first process to get here creates <dir>/<name>.fired
     (O_EXCL) with `context` in it; later processes, including a restarted one, go on.
@@ -66,7 +68,7 @@ def fault_point(name: str, where, **context) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(context.get("path", "")))
         elif action == "fill":
             fill_disk(Path(os.environ[FAULT_ENV_PREFIX + "FILL"]))
-        elif action in ("SIGINT", "SIGTERM"):
+        elif action in ("SIGINT", "SIGTERM", "SIGKILL"):
             os.kill(int(os.environ.get(FAULT_ENV_PREFIX + "DRIVER_PID", os.getpid())), getattr(signal, action))
         elif action == "rmtree":
             for path in context.get("paths", ()):
@@ -74,6 +76,10 @@ def fault_point(name: str, where, **context) -> None:
         elif action == "block":
             time.sleep(FAULT_BLOCK_S)
             os._exit(1)
+        elif action == "await":
+            released, deadline = Path(folder) / f"{name}.released", time.time() + FAULT_BLOCK_S
+            while not released.exists() and time.time() < deadline:
+                time.sleep(0.1)
         else:
             raise ValueError(f"unknown fault action '{action}' in {FAULT_ENV_PREFIX}{name.upper()}={spec}")
 

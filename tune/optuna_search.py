@@ -92,7 +92,7 @@ def run_search(spec: SearchSpec, runner: Runner, prog: str = "tune.search") -> d
         from ray import tune
 
         nonlocal record, more_samples
-        if not storage.remote and storage.exists(name) and not spec.resume:
+        if storage.exists(name) and not spec.resume:  # a folder or a bucket prefix
             raise DsdmError(f"'{storage.uri(name)}' already holds a search; pass --resume to continue it or --name NEW "
                             "for a new one")
         if spec.resume and not tune.Tuner.can_restore(storage.uri(name)):
@@ -116,8 +116,10 @@ def run_search(spec: SearchSpec, runner: Runner, prog: str = "tune.search") -> d
                                            "search.space": json.dumps(sorted(space))})
         with exp.running():
             table = _tune_and_cross_arch(spec, exp, space)
-            tables = exp.storage.local_only()  # with a URI storage, the tables stay in --local-dir
-            md, pq, csv = (Path(f) for f in write_tables(table, tables, name))
+            # in --local-dir (printed, logged to MLflow) and, with a URI storage, beside the Tune run
+            md, pq, csv = (Path(f) for f in write_tables(table, exp.storage.local_only(), name))
+            if exp.storage.remote:
+                write_tables(table, exp.storage, name)
             if table[table["status"] == "DONE"].empty:  # every trial errored: a failed search
                 raise first_trial_error(table) or no_trial_done(exp.storage, name)
             best = table.iloc[0].to_dict()
@@ -170,7 +172,7 @@ def _tune_and_cross_arch(spec: SearchSpec, exp, space: dict):
     tuner = make_tuner(trainable, exp.runner, exp.storage, exp.name, space, restore=spec.resume,
                        search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples)
     results = exp.fit(tuner)
-    record_placement(exp.storage.local_only(), exp.name, exp.data_ref, exp.zoo_info)
+    record_placement(exp.storage, exp.name, exp.data_ref, exp.zoo_info)
     if STOP.signal is not None:
         raise KeyboardInterrupt  # Tune saved its state; finished trials stay finished
 
@@ -192,7 +194,8 @@ def _tune_and_cross_arch(spec: SearchSpec, exp, space: dict):
                             {**eval_cfg, "archs": [arch], "runs": runs + 2 if arch == "convnet3" else runs})
             for arch in xa.CROSS_ARCHS for trial_id in chosen]  # "ConvNet-3 with more runs"
     started = xa.phase_started(exp.parent)
-    cross = xa.run_cross_arch(jobs, exp.data_ref, exp.runner.trial_cpus, progress=lambda line: print(line, flush=True))
+    cross = xa.run_cross_arch(jobs, exp.data_ref, exp.runner.trial_cpus, lambda line: print(line, flush=True),
+                              exp.runner.trial_gpus)
     xa.record_cross_arch(exp.recorder, exp.parent.run_id, cross, prefix=XARCH, started=started)
     return _with_cross_arch(table, {**previous, **{t: {a: (r["mean"], r["std"]) for a, r in v.items()}
                                                    for t, v in cross.items()}})

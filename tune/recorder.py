@@ -32,6 +32,7 @@ ERROR_TAG = "dsdm.error"  # a trial's deterministic error (not retried)
 # when the cross-architecture phase ran (UTC, ISO 8601), on the parent and on each trial it evaluated:
 # its metrics (xarch/*) arrive after the trial run's own end
 XARCH_STARTED_TAG, XARCH_ENDED_TAG = "dsdm.xarch_started", "dsdm.xarch_ended"
+XARCH_NODES_TAG = "dsdm.xarch_nodes"  # JSON {arch: [node ids]}: where the cross-architecture networks trained
 XARCH = "xarch/"  # prefix of the cross-architecture evaluation's keys (the trial's own are unprefixed)
 # MLflow 3 opens an experiment by its kind; untagged ones may open on the GenAI "Traces" page
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -68,9 +69,14 @@ def experiment_name(dataset: str, ipc: int) -> str:
     return f"dsdm-{dataset}-ipc{ipc}"
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (every node reaches it), not a file on this machine."""
+    return uri.startswith(("http://", "https://"))
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast with one line instead of MLflow's long retry loop on a dead server."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return
     import urllib.error
     import urllib.parse
@@ -117,7 +123,10 @@ class Recorder:
             recorder = cls(uri, "", search_id)
             exp = recorder.client.get_experiment_by_name(experiment)
             if exp is None:
-                location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+                # a tracking server stores artifacts where its --artifacts-destination says; a local
+                # root would be a path on whichever node logs (the driver's folder, on a cluster)
+                local = artifact_root is not None and not is_server(uri)
+                location = Path(artifact_root).resolve().as_uri() if local else None
                 recorder.experiment_id = recorder.client.create_experiment(experiment, artifact_location=location)
             else:
                 recorder.experiment_id = exp.experiment_id
@@ -292,7 +301,9 @@ def eval_metrics(results: dict[str, dict], prefix: str = "") -> dict[str, float]
     return out
 
 def quiet_mlflow() -> None:
-    """No retries against a dead server from inside trials, no git lookups."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    """MLflow calls ride out a tracking-server restart of up to ~2 minutes (6 retries, waits of
+    0+4+8+16+32+64 s; MLflow's default 7 wait ~4 minutes; the driver's `check_reachable` already
+    refuses a server that is down at start), time out in 20 s, and skip git lookups."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "6")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

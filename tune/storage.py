@@ -72,9 +72,22 @@ class Storage:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self._fs[1], *parts)
 
+    def _probe_fs(self):
+        """The filesystem with few retries for the probe: pyarrow's from_uri retries a dead S3
+        endpoint for ~12 s; three attempts answer in ~2 s."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        from pyarrow import fs
+
+        parts = urlsplit(self.root)
+        options = dict(parse_qsl(parts.query))
+        if parts.scheme != "s3" or set(options) - {"endpoint_override", "scheme", "region"}:
+            return self._fs[0]
+        return fs.S3FileSystem(**options, retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=3))
+
     def probe(self) -> None:
         """Write and delete a small file under `root`; one line if the storage cannot be reached."""
-        filesystem, _ = self._fs
+        filesystem = self._probe_fs()
         probe = self._path(".write-test")
         try:
             filesystem.create_dir(self._path(), recursive=True)

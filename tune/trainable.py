@@ -73,7 +73,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
     torch.set_num_threads(max(1, int(options.threads)))
     cfg = trial_config(base, config)
     d = cfg.distill
-    device = resolve_device("cuda" if options.gpus > 0 else "cpu")
+    device = resolve_device("auto" if options.gpus > 0 else "cpu")  # GPUs asked for, none there: CPU
     dataset = dataset_from_store(ray.get(data[0]))
     pretrain_calls_before = dsdm_zoo.PRETRAIN_CALLS
 
@@ -192,8 +192,10 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
         return {**metrics, "iteration": it, "resumed_from": resumed_from, "node": node, METRIC: last_proxy["val"]}
 
     # An attempt stopped after logging iteration i but before Tune kept its checkpoint replays i
-    # from an earlier checkpoint (bit-exact): MLflow keeps the first record of each step.
-    logged_up_to = run.last_step("iteration") if resumed_from else -1
+    # from an earlier checkpoint (bit-exact): MLflow keeps the first record of each step. Also
+    # from no checkpoint at all: a driver killed before Tune's experiment snapshot listed one
+    # restores the trial at iteration 0, into the run that already holds its first iterations.
+    logged_up_to = run.last_step("iteration")
 
     def log(metrics: dict, it: int) -> None:
         if it > logged_up_to:
@@ -208,7 +210,8 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
 
     hooks = RunHooks(log=log, checkpoint=save, proxy_every=int(options.proxy_every),
                      proxy=lambda dist: proxy_accuracy(dist, cfg, int(options.proxy_epochs), device),
-                     after_step=lambda it: fault_point("trial_exit_at", it, trial=trial, resumed_from=resumed_from))
+                     after_step=lambda it: fault_point("trial_exit_at", it, trial=trial, resumed_from=resumed_from,
+                                                         node=node))
     distiller.run(hooks=hooks)
     return distiller, resumed_from
 

@@ -38,7 +38,7 @@ from dsdm.config import ZooConfig
 from dsdm.data import Dataset
 from dsdm.errors import DsdmError
 from dsdm.io import atomic_torch_save
-from dsdm.zoo import ModelZoo, pretrain_group, zoo_arch, zoo_groups, zoo_key
+from dsdm.zoo import ModelZoo, pretrain_group, read_manifest, zoo_arch, zoo_groups, zoo_key
 from tune.faults import fault_point
 
 TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
@@ -121,6 +121,8 @@ class PretrainWorker:
         for index in indices:
             fault_point("zoo_kill_index", index, actor=self.actor, node=self.node)
         dataset = dataset_from_store(data_payload)
+        if device == "cuda" and not torch.cuda.is_available():  # GPUs declared, no CUDA device: CPU
+            device = "cpu"
         start = time.time()
         results = pretrain_group(dataset, ZooConfig(**{**cfg, "snapshots": tuple(cfg["snapshots"])}), indices, device)
         return [{"index": index, "group": list(indices), "node": self.node, "actor": self.actor, "pid": os.getpid(),
@@ -307,4 +309,5 @@ def _load_or_train(folder: Path, dataset: Dataset, data_ref, cfg: ZooConfig, num
         finished.clear()  # after the manifest: an interrupt in between keeps both, and the zoo wins
         info.update(trained=True, seconds=time.time() - start)
         progress(f"zoo: {cfg.num_models} models trained in {info['seconds']:.1f}s, saved to {folder}")
+    info["manifest"] = read_manifest(folder)  # config, files and checksums: readable where the folder is not
     return put_zoo(zoo), info
