@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true", help="the straightforward loop instead of the fast path (default: off)")
     p.add_argument("--checkpoint", type=Path, help="resume from / write here (default: OUT.ckpt)")
     p.add_argument("--evaluate", action="store_true",
-                   help="then evaluate the set with the budget's eval.* settings and record the result in its manifest")
+                   help="then evaluate the set with the budget's eval.* settings and record the result in its manifest (default: off)")
     p.add_argument("--out", type=Path, required=True, help="distilled-set file to write (its manifest goes beside it)")
 
     p = command("evaluate", "train fresh networks on a distilled set (or a coreset)")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["random", "herding", "kcenter"], help="coreset to select and evaluate (default: none, FILE is evaluated)")
     p.add_argument("--ipc", type=int, help=f"images per class of the coreset {_budget('distill.ipc')}")
     p.add_argument("--record", action="store_true",
-                   help="store this result (and its recipe) in the set's manifest, replacing the one there")
+                   help="store this result (and its recipe) in the set's manifest, replacing the one there (default: off)")
     _eval_flags(p)
 
     p = sub.add_parser("show", help="draw a distilled set as a class-by-class image grid",
