@@ -164,7 +164,7 @@ def test_fault_corrupt_zoo_snapshot_is_detected_and_retrained(chain):
     zoo1 = chain["run1"]["zoo"]
     recovered = zoo1.get("recovered")
     assert recovered and "sha256" in recovered["error"] and "model000_epoch001.pt" in recovered["error"], zoo1
-    assert "failed its integrity check" in chain["run1"]["out"]
+    assert "failed its integrity check" in chain["run1"]["err"]  # a notice: stderr
     assert zoo1["trained"] is True and sorted(m["index"] for m in zoo1["models"]) == [0, 1]
     aside = Path(recovered["moved_to"])
     assert (aside / "model000_epoch001.pt").read_bytes() == chain["corrupt"]  # kept for inspection, not deleted

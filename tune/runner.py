@@ -99,6 +99,9 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     from tune.faults import fault_env
 
     env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0", **fault_env()}}
+    # ray.init takes tens of seconds on busy cores: a line first, so the wait is not a silence
+    print(f"ray: joining the cluster at {address}" if address else
+          f"ray: starting a local instance ({num_cpus or 'all'} CPUs)", flush=True)
     try:
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=False)

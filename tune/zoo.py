@@ -43,6 +43,7 @@ from tune.faults import fault_point
 
 TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 MAX_SUBMITS = 3  # times the pool hands one model to an actor before giving up
+HEARTBEAT_S = 20.0  # a progress line at least this often while the zoo trains
 
 
 # --- dataset through the object store --------------------------------------------------------
@@ -181,6 +182,9 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
     submits = {i: 0 for i in range(cfg.num_models)}
     resubmitted: list[int] = []
     todo, idle, running = deque(groups), list(actors), {}
+    started = time.time()
+    if missing:
+        progress(f"zoo: pre-training {missing} model(s) on {len(actors)} actor(s)")
     try:
         while todo or running:
             while todo and idle:
@@ -188,7 +192,11 @@ def train_zoo_on_pool(data_ref, dataset: Dataset, cfg: ZooConfig, num_actors: in
                 for index in group:
                     submits[index] += 1
                 running[actor.train.remote(data_ref, cfg_dict, group, device)] = (actor, group)
-            ready, _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=HEARTBEAT_S)
+            if not ready:  # actors starting (tens of seconds under load) or a slow model: say so
+                progress(f"zoo: {len(done)}/{cfg.num_models} models done, {len(running)} training, "
+                         f"{time.time() - started:.0f}s elapsed")
+                continue
             actor, group = running.pop(ready[0])
             names = f"zoo model{'s' if len(group) > 1 else ''} {', '.join(str(i + 1) for i in group)}/{cfg.num_models}"
             try:
