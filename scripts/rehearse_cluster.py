@@ -59,17 +59,18 @@ def rehearse(root: Path, short: bool, progress=print) -> list:
     try:
         t0 = time.time()
         store = ObjectStore(root / "s3").start()
-        mlflow = MlflowServer(root / "head", store).start()
+        mlflow = MlflowServer(root / "head", store).start(wait=False)  # comes up while the nodes start
         if short:  # a head that runs trials too, and one worker
             specs = [NodeSpec("head", 1), NodeSpec("n1", 1)]
         else:  # a CPU head that runs no trials (cluster.yaml's), two CPU workers and one that declares a GPU
             specs = [NodeSpec("head", 0), NodeSpec("n1", 1), NodeSpec("n2", 1), NodeSpec("gpu", 1, gpus=1)]
         nodes = Nodes(root, specs).start()
+        mlflow.wait()
         progress(f"rehearsal: bucket {store.endpoint}, MLflow {mlflow.url}, Ray {nodes.address} "
                  f"({len(specs)} nodes) up in {time.time() - t0:.0f}s; folders under {root}")
         rh = sc.Rehearsal(root, store, mlflow, nodes)
         plan = [(sc.search, ()), (sc.sweep, ("ablations.model_count", "model_count-digits-ipc10-smoke", 2)),
-                (sc.bucket_unreachable, ())]
+                (sc.bucket_unreachable, (short,))]
         if not short:
             plan[2:2] = [(sc.sweep, ("ablations.pretrain_epochs", "pretrain_epochs-digits-ipc10-smoke", 1)),
                          (sc.gpu_placement, ("gpu",)), (sc.node_removed, ()), (sc.driver_killed, ()),

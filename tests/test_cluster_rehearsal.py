@@ -71,7 +71,7 @@ def test_sweep_on_bucket(rehearsal):
 def test_bucket_unreachable_one_line_exit_2(rehearsal):
     out = rehearsal["outcomes"]["bucket unreachable at start"]
     assert out.ok, (out.problems, out.notes)
-    assert out.exit_codes == [2, 2, 2]
+    assert out.exit_codes == [2]
 
 
 def test_fresh_machine_reads_bucket_and_mlflow(rehearsal):

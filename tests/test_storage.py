@@ -38,3 +38,13 @@ def test_an_unwritable_folder_is_one_line(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(DsdmError, match="is not writable .*; pass --storage DIR you can write"):
         Storage.open(tmp_path / "a-file" / "runs")
+
+
+def test_an_unreachable_endpoint_is_reported_in_seconds(tmp_path):
+    """The probe tries a dead S3 endpoint 3 times (~2 s), not pyarrow's from_uri default (~12 s here)."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(DsdmError, match="is not reachable"):
+        Storage.open("s3://nobucket/x?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1", tmp_path / "l")
+    assert time.monotonic() - start < 8

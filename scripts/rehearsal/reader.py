@@ -60,6 +60,8 @@ def read(storage: str, mlflow_url: str, name: str) -> dict:
             if f.endswith(".png"):
                 out["plot_png"] = Path(client.download_artifacts(parent.info.run_id, f, folder)).read_bytes()[:4] == b"\x89PNG"
     out["artifact_uri"] = trial.info.artifact_uri
+    if mlflow_url.startswith("http") and not out["artifact_uri"].startswith("mlflow-artifacts:"):
+        out["problems"].append(f"artifacts at {out['artifact_uri']}, not through the server")
     return out
 
 
