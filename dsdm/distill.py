@@ -26,6 +26,7 @@ Two paths compute the same objective:
   what each speed lever gave (`python -m benchmarks.distill`).
 
 `Distiller.run` is the only loop: the CLI and the Tune trainable call it with `RunHooks`.
+Why one file over 350 lines: `Distiller` is one class (loop, checkpoint state, fast path) that shares its state.
 """
 from __future__ import annotations
 

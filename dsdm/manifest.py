@@ -6,6 +6,7 @@ every config value, the zoo, the seeds, code and library versions, the device, t
 recipe by name and in full, the per-network final-epoch test and validation accuracies with
 mean, sd, t-based 95% CI and n, wall time per phase, and the sha256 of the set and its exports.
 `SCHEMA` is its JSON schema; `read_manifest` refuses a foreign or corrupt file in one line.
+Why one file over 350 lines: the schema (its last 50 lines) stays beside the code that fills it.
 """
 from __future__ import annotations
 

@@ -86,5 +86,5 @@ def test_cli_and_trainable_report_the_same_windows(digits, tiny_zoo, tmp_path, m
     assert all(math.isnan(v) for v in objective[:2]) and objective[2:] == [40.0] * 3
     assert reports[2][0]["proxy_val_acc"] == 40.0 and "proxy_val_acc" not in reports[3][0]
     assert [(name, it) for name, it, _ in faults] == [("trial_exit_at", i) for i in range(1, 8)]
-    assert faults[0][2] == {"trial": "t0", "resumed_from": 0}
+    assert faults[0][2] == {"trial": "t0", "resumed_from": 0, "node": "node0"}  # node: a fault can target one
     assert all(m["node"] == "node0" and m["resumed_from"] == 0 for m, _ in reports)

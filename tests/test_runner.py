@@ -17,8 +17,8 @@ def test_help_shows_defaults_and_the_budget(cli):
     out = subprocess.run([sys.executable, "-m", *cli, "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=120).stdout
     text = " ".join(out.split())
-    assert "paper = the paper's settings (hours on a GPU), cpu = minutes on a CPU" in text
-    assert "(default: paper)" in text
+    assert "leaving --budget out means paper, the paper's settings, sized for a GPU" in text
+    assert "cpu = minutes on a CPU" in text and "resolve = " in text
 
 
 def test_inf_refused_on_cli_flags():

@@ -23,6 +23,13 @@ def record_name(name: str) -> str:
     return f"{name}.search.json"
 
 
+def search_id_of(storage, name: str) -> str:
+    """The `dsdm.search_id` of the experiment NAME under `storage`: its record's id (a search), else
+    its Tune path (a sweep, or a search from before records, whose id its path stays)."""
+    record = SearchRecord.load(storage, name)
+    return record.search_id if record else storage.uri(name)
+
+
 @dataclass
 class SearchRecord:
     search_id: str

@@ -53,9 +53,8 @@ def records(mlflow_url: str, experiment: str, search_id: str) -> Records:
         if FINAL_TAG in run.data.tags:
             out.finals += 1
             out.duplicates += max(0, len(client.get_metric_history(run.info.run_id, "test_acc")) - 1)
-        # every iteration once, plus the final batch's `iteration` (logged at the last step on purpose)
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "iteration")]
-        out.duplicates += max(0, len(steps) - len(set(steps)) - (FINAL_TAG in run.data.tags))
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "iteration")]  # each step once
+        out.duplicates += len(steps) - len(set(steps))
     return out
 
 

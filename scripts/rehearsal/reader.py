@@ -22,6 +22,7 @@ def read(storage: str, mlflow_url: str, name: str) -> dict:
 
     from dsdm.synthetic import SyntheticSet
     from tune.recorder import SEARCH_TAG, TRIAL_TAG
+    from tune.resume import search_id_of
     from tune.storage import Storage
 
     store = Storage(storage, None)
@@ -35,7 +36,7 @@ def read(storage: str, mlflow_url: str, name: str) -> dict:
     if not out["zoo_files"]:
         out["problems"].append("zoo record without the zoo's manifest")
     client = MlflowClient(tracking_uri=mlflow_url)
-    search_id = store.uri(name)
+    search_id = search_id_of(store, name)
     runs = [r for e in client.search_experiments() for r in
             client.search_runs([e.experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{search_id}'")]
     parent = next((r for r in runs if TRIAL_TAG not in r.data.tags), None)

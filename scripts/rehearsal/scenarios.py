@@ -21,6 +21,7 @@ from typing import Callable
 
 from scripts.rehearsal import checks
 from scripts.rehearsal.parts import REPO, MlflowServer, Nodes, ObjectStore, driver_env, free_port, stop_group
+from tune.resume import search_id_of
 
 TINY = ["--set", "distill.iterations=3", "--set", "distill.checkpoint_every=1", "--set", "distill.log_every=1",
         "--set", "distill.batch_real=8", "--set", "distill.aug_pool=1", "--set", "zoo.max_per_class=10",
@@ -120,7 +121,7 @@ class Rehearsal:
     def count_records(self, outcome: Outcome, name: str, expected: int, since: float) -> checks.Records:
         outcome.expected = expected
         outcome.finished = checks.finished(self.storage, name)
-        rec = checks.records(self.mlflow.url, EXPERIMENT, self.store_view().uri(name))  # the search id
+        rec = checks.records(self.mlflow.url, EXPERIMENT, search_id_of(self.store_view(), name))
         outcome.runs, outcome.duplicates, outcome.not_nested = rec.status_text(), rec.duplicates, rec.not_nested
         outcome.objects = len(self.store.keys(f"{PREFIX}/{name}"))
         outcome.violations = len([v for v in self.nodes.violations() if v.get("time", since) >= since])
