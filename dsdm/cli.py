@@ -314,26 +314,12 @@ def cmd_distill(args, cfg: Config) -> None:
         results = _evaluate(SyntheticSet.load(args.out), dataset, cfg, device, clock)
         print(results_table(args.out.name, dataset.name, results))
     phases = dict(clock.seconds)
-    from dsdm.manifest import write_manifest
+    from dsdm.manifest import write_manifest, zoo_record
 
-    key, settings = _zoo_record(zoo, dataset, cfg)
+    key, settings = zoo_record(zoo, dataset, cfg)
     path = write_manifest(args.out, cfg.plain(), results, phases, key, settings, device, dataset.class_names,
                           command=_command(args))
     print(f"wrote {path}")
-
-
-def _zoo_record(zoo, dataset, cfg: Config) -> tuple[str | None, dict | None]:
-    """The key and settings of the zoo a set was distilled with (None, None: no zoo)."""
-    import dataclasses
-
-    from dsdm.config import ZooConfig
-    from dsdm.zoo import zoo_key
-
-    if zoo is None:
-        return None, None
-    names = {f.name for f in dataclasses.fields(ZooConfig)}
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.config.items() if k in names}
-    return zoo_key(dataset, ZooConfig(**settings), cfg.data.seed, cfg.data.val_fraction), zoo.config
 
 
 def _command(args) -> str:

@@ -15,7 +15,7 @@ import math
 import platform
 import statistics
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,18 @@ def recipe_record(synset, dataset: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"name": protocol.name, "describe": aug.describe(), "train": full,
             "archs": list(eval_cfg.archs), "runs": eval_cfg.runs, "seed": eval_cfg.seed,
             "network_seeds": "eval.seed * 1000 + run"}
+
+
+def zoo_record(zoo, dataset, cfg) -> tuple[str | None, dict | None]:
+    """The key and settings of the zoo (a `ModelZoo`) a set was distilled with (None, None: no zoo)."""
+    from dsdm.config import ZooConfig
+    from dsdm.zoo import zoo_key
+
+    if zoo is None:
+        return None, None
+    names = {f.name for f in fields(ZooConfig)}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in zoo.config.items() if k in names}
+    return zoo_key(dataset, ZooConfig(**settings), cfg.data.seed, cfg.data.val_fraction), zoo.config
 
 
 # --- build, write, read -----------------------------------------------------------------

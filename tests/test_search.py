@@ -119,3 +119,31 @@ def test_search_smoke_experiment_is_a_model_training_experiment(search):
     storage, _ = search
     exp = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}").get_experiment_by_name("dsdm-digits-ipc10")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_search_smoke_trials_carry_phases_memory_and_a_manifest(search):
+    """Each trial run holds its seconds and memory per phase, its set's manifest (which re-scores
+    the downloaded file), and a description; the trial table shows the same phase numbers."""
+    from mlflow.tracking import MlflowClient
+
+    from dsdm.io import sha256_file
+    from dsdm.manifest import read_manifest
+
+    storage, _ = search
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+    table = pq.read_table(storage / "digits-ipc10-smoke" / "trials.parquet").to_pandas().set_index("trial_id")
+    for run in [r for r in mlflow_runs(storage) if "dsdm.trial_id" in r.data.tags]:
+        m = run.data.metrics
+        assert {"phase_seconds/distill", "phase_seconds/cache_fill", "phase_seconds/eval", "peak_rss_mb"} <= set(m)
+        assert m["phase_seconds/eval"] > 0 and m["peak_rss_mb"] > 100
+        row = table.loc[run.data.tags["dsdm.trial_id"]]
+        assert row["cache_fill_s"] == m["phase_seconds/cache_fill"] and row["peak_rss_mb"] == m["peak_rss_mb"]
+        folder = storage / "downloads" / run.info.run_id
+        folder.mkdir(parents=True)
+        set_file = Path(client.download_artifacts(run.info.run_id, "distilled.pt", str(folder)))
+        manifest = read_manifest(client.download_artifacts(run.info.run_id, "distilled.manifest.json", str(folder)))
+        assert manifest["set"]["sha256"] == sha256_file(set_file)  # the manifest describes the logged file
+        scored = manifest["evaluation"]["results"]["convnet3"]
+        assert scored["test"]["mean"] == pytest.approx(m["acc_mean/convnet3"]) and scored["val"]["mean"] == pytest.approx(m["val_acc"])
+        assert manifest["zoo"]["key"].startswith("digits-") and set(manifest["phases"]) >= {"distill", "eval"}
+        assert run.data.tags["mlflow.note.content"].startswith("digits distilled to 10 stored image(s) per class")

@@ -170,7 +170,7 @@ def _tune_and_cross_arch(spec: SearchSpec, exp, space: dict):
     trainable = exp.trainable(run_trial, exp.trial_options(proxy_every=spec.proxy_every))
     searcher, scheduler = (None, None) if spec.resume else make_searcher(spec, exp.cfg, exp.runner.trial_slots())
     tuner = make_tuner(trainable, exp.runner, exp.storage, exp.name, space, restore=spec.resume,
-                       search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples)
+                       search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples, reuse_actors=True)
     results = exp.fit(tuner)
     record_placement(exp.storage, exp.name, exp.data_ref, exp.zoo_info)
     if STOP.signal is not None:

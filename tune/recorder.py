@@ -273,6 +273,9 @@ class RunLog:
             if Path(path).is_file():
                 self.client.log_artifact(self.run_id, str(path))
 
+    def artifact_names(self) -> set[str]:
+        return {a.path for a in self.client.list_artifacts(self.run_id)}
+
     def download(self, name: str, folder: Path) -> Path:
         return Path(self.client.download_artifacts(self.run_id, name, str(folder)))
 

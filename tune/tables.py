@@ -27,6 +27,8 @@ def trial_table(results, space_keys: list[str]):
         row.update({"val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"), "test_std": m.get("test_std"),
                     "iteration": m.get("iteration"), "seconds": m.get("time_total_s"),
                     "distill_s": m.get("distill_seconds"), "eval_s": m.get("eval_seconds"),
+                    "cache_fill_s": m.get("phase_seconds/cache_fill"), "peak_rss_mb": m.get("peak_rss_mb"),
+                    **({"peak_cuda_mb": m["peak_cuda_mb"]} if "peak_cuda_mb" in m else {}),
                     "resumed_from": m.get("resumed_from"), "zoo_pretrain_calls": m.get("zoo_pretrain_calls"),
                     "node": (m.get("node") or "")[:12], "reused_from": m.get("reused_from") or "",
                     "status": "ERROR" if (r.error or m.get(ERROR_KEY)) else ("DONE" if "test_acc" in m else "STOPPED"),

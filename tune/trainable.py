@@ -25,6 +25,8 @@ from dsdm.coreset import SELECTORS, select_coreset
 from dsdm.distill import Distiller, RunHooks
 from dsdm.errors import DsdmError
 from dsdm.evaluate import evaluate_set
+from dsdm.manifest import manifest_path, write_manifest, zoo_record
+from dsdm.phases import PhaseClock
 from dsdm.synthetic import SyntheticSet
 from dsdm.train import resolve_device
 from dsdm.visualize import save_grid
@@ -36,6 +38,9 @@ from tune.zoo import ZooRefs, dataset_from_store
 CHECKPOINT_FILE = "distill.ckpt"
 SET_FILE = "distilled.pt"
 GRID_FILE = "grid.png"
+MANIFEST_FILE = manifest_path(SET_FILE).name  # dsdm/manifest.py: how to reproduce and re-check the set
+ARTIFACTS = (SET_FILE, GRID_FILE, MANIFEST_FILE)  # a trial run's files
+NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI
 METRIC = "val_acc"  # the objective: ConvNet-3 accuracy on the held-out validation split
 ERROR_KEY = "error"  # a trial's deterministic error (DsdmError: bad config, non-finite loss), reported, not raised
 
@@ -91,22 +96,27 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
             return report_twin(run, twin, cfg)
         run.log_params(cfg.plain())
         run.set_tags({rec.COMPUTE_TAG: compute})
-        start = time.time()
+        start, clock = time.time(), PhaseClock(device)
         if d.method in SELECTORS:  # coreset baselines: real images picked in a zoo model's embedding
-            net = zoo.materialise(1, d.pretrain_epochs).model(0, d.pretrain_epochs, device) if d.method != "random" else None
-            distiller, resumed_from = None, 0
-            synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, cfg.plain())
+            model_zoo = zoo.materialise(1, d.pretrain_epochs) if d.method != "random" else None
+            with clock.phase("distill"):
+                net = model_zoo.model(0, d.pretrain_epochs, device) if model_zoo is not None else None
+                distiller, resumed_from = None, 0
+                synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, cfg.plain())
         else:
-            distiller, resumed_from = distill_with_checkpoints(cfg, dataset, zoo, device, run, options)
-            synset = distiller.synthetic_set()
+            with clock.phase("distill"):
+                distiller, resumed_from = distill_with_checkpoints(cfg, dataset, zoo, device, run, options)
+            clock.carve("distill", "cache_fill", distiller.cache.fill_seconds)
+            model_zoo, synset = distiller.zoo, distiller.synthetic_set()
         with tempfile.TemporaryDirectory(prefix="dsdm-trial-") as folder:  # the set written once, here
-            final = evaluate_and_save(synset, cfg, dataset, device, Path(folder))
+            final = evaluate_and_save(synset, cfg, dataset, device, Path(folder), clock, model_zoo)
             final.update(distill_seconds=time.time() - start - final["eval_seconds"], resumed_from=resumed_from,
                          zoo_pretrain_calls=dsdm_zoo.PRETRAIN_CALLS - pretrain_calls_before, iteration=d.iterations)
             if distiller is not None:
                 distiller.save_checkpoint(Path(folder) / CHECKPOINT_FILE)
             # the set first, then metrics + marker in one batch: a crash in between re-evaluates, logs once
-            run.log_artifacts([Path(folder) / SET_FILE, Path(folder) / GRID_FILE])
+            run.log_artifacts([Path(folder) / name for name in ARTIFACTS])
+            run.set_tags({NOTE_TAG: note(Path(folder) / MANIFEST_FILE)})
             # the loop logged iteration and resumed_from at the last step already
             run.log_final(final, step=d.iterations, logged=("iteration", "resumed_from") if distiller else ())
             run.finish()
@@ -146,11 +156,12 @@ def report_twin(run: RunLog, twin, cfg: Config) -> None:
     original = twin.data.tags.get(rec.REUSED_TAG, twin.info.run_id)
     final.setdefault("reused_from", f"{Path(twin.data.tags[rec.SEARCH_TAG]).name}/{twin.data.tags[rec.TRIAL_TAG]}")
     run.log_params(cfg.plain())
-    run.set_tags({rec.REUSED_TAG: original,
-                  **({rec.COMPUTE_TAG: twin.data.tags[rec.COMPUTE_TAG]} if rec.COMPUTE_TAG in twin.data.tags else {})})
+    copied = {k: twin.data.tags[k] for k in (rec.COMPUTE_TAG, NOTE_TAG) if k in twin.data.tags}
+    run.set_tags({rec.REUSED_TAG: original, **copied})
     with tempfile.TemporaryDirectory() as folder:  # the twin's set, fetched once: logged here and handed to Tune
         source = run.recorder.run(twin.info.run_id)
-        run.log_artifacts([source.download(name, Path(folder)) for name in (SET_FILE, GRID_FILE)])
+        names = [name for name in ARTIFACTS if name in source.artifact_names()]  # a twin from before manifests: none
+        run.log_artifacts([source.download(name, Path(folder)) for name in names])
         run.log_final(final, step=cfg.distill.iterations)
         run.finish()
         report_final(final, folder)
@@ -216,11 +227,28 @@ def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, 
     return distiller, resumed_from
 
 
-def evaluate_and_save(synset: SyntheticSet, cfg: Config, dataset, device, folder: Path) -> dict[str, Any]:
-    """ConvNet-3 evaluation (final epoch; selection uses val only); the set and its grid into `folder`."""
-    results = evaluate_set(synset, dataset, replace(cfg.eval, archs=("convnet3",)), device)
-    synset.save(folder / SET_FILE)
+def evaluate_and_save(synset: SyntheticSet, cfg: Config, dataset, device, folder: Path, clock: PhaseClock,
+                      model_zoo=None) -> dict[str, Any]:
+    """The set, its grid and its manifest into `folder`; ConvNet-3 evaluation (final epoch; selection
+    uses val only) of the saved file, as `dsdm distill --evaluate` scores it: the recorded number is
+    the number of the file a user downloads. Final metrics carry the seconds and memory per phase."""
+    set_file = folder / SET_FILE
+    synset.save(set_file)
     save_grid(synset, folder / GRID_FILE)
+    scored = replace(cfg, eval=replace(cfg.eval, archs=("convnet3",)))
+    with clock.phase("eval"):
+        results = evaluate_set(SyntheticSet.load(set_file), dataset, scored.eval, device, clock=clock)
+    key, settings = zoo_record(model_zoo, dataset, cfg)
+    write_manifest(set_file, cfg.plain(), results, dict(clock.seconds), key, settings, device, dataset.class_names,
+                   eval_cfg=scored.plain())
     r = results["convnet3"]
     return {METRIC: r["val_mean"], "test_acc": r["mean"], "test_std": r["std"],
-            **rec.eval_metrics(results), "eval_seconds": r["seconds"]}
+            **rec.eval_metrics(results), "eval_seconds": r["seconds"], **clock.metrics()}
+
+
+def note(manifest_file: Path) -> str:
+    """The run's description in MLflow's UI: what the set is and its ConvNet-3 numbers, from its manifest."""
+    manifest = json.loads(manifest_file.read_text())
+    r = manifest["evaluation"]["results"]["convnet3"]
+    return (f"{manifest['summary']} ConvNet-3, final epoch, n = {r['test']['n']}: test {r['test']['mean']:.2f} "
+            f"± {r['test']['sd']:.2f}, val {r['val']['mean']:.2f}. Reproduce and re-check: {MANIFEST_FILE}.")
