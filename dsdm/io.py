@@ -73,3 +73,13 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def plain(value: Any) -> Any:
+    """Nested config values as plain types: tuples become lists, keys strings (what JSON and
+    `weights_only` loading both accept)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dsdm.errors import DsdmError
-from dsdm.io import atomic_write_text, sha256_file
+from dsdm.io import atomic_write_text, plain, sha256_file
 
 FORMAT = "dsdm-set-manifest"
 VERSION = 1
@@ -143,7 +143,7 @@ def build_manifest(set_path: str | Path, cfg: dict[str, Any], results: dict[str,
 
     set_path = Path(set_path)
     synset = SyntheticSet.load(set_path)
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     factor = max(synset.grid)
     manifest: dict[str, Any] = {
         "format": FORMAT, "version": VERSION,
@@ -158,7 +158,7 @@ def build_manifest(set_path: str | Path, cfg: dict[str, Any], results: dict[str,
         "config": cfg,
         "budget": cfg.get("budget"),
         "distill_seed": cfg.get("distill.seed"),
-        "zoo": {"key": zoo_key, "settings": _plain(zoo_settings)} if zoo_key or zoo_settings else None,
+        "zoo": {"key": zoo_key, "settings": plain(zoo_settings)} if zoo_key or zoo_settings else None,
         "code": code_version(),
         "environment": environment(),
         "device": device_record(device),
@@ -173,7 +173,7 @@ def build_manifest(set_path: str | Path, cfg: dict[str, Any], results: dict[str,
 
 
 def evaluation_record(synset, cfg: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     return {"recipe": recipe_record(synset, synset.dataset, cfg),
             "config": {k: v for k, v in cfg.items() if k.startswith(("eval.", "data.")) or k == "budget"},
             "results": results_record(results)}
@@ -324,15 +324,6 @@ def compare(manifest: dict[str, Any], set_sha256: str, cfg: dict[str, Any],
 def _fmt(s: dict[str, Any]) -> str:
     ci = f", 95% CI [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" if s.get("ci95") else ""
     return f"{s['mean']:.2f} ± {s['sd']:.2f}{ci}, n={s['n']}"
-
-
-def _plain(value: Any) -> Any:
-    """JSON types: tuples become lists, keys strings."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 # --- JSON schema (Draft 2020-12) --------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsdm.io import atomic_torch_save, safe_torch_load
+from dsdm.io import atomic_torch_save, plain, safe_torch_load
 
 FORMAT = "dsdm-synthetic-set"
 VERSION = 1
@@ -59,7 +59,7 @@ class SyntheticSet:
             "dataset": self.dataset,
             "mean": list(self.mean),
             "std": list(self.std),
-            "config": _plain(self.config),
+            "config": plain(self.config),
         }
         return atomic_torch_save(payload, path)
 
@@ -78,10 +78,3 @@ class SyntheticSet:
         )
 
 
-def _plain(value: Any) -> Any:
-    """Config values as types `weights_only` loading accepts (tuples become lists)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -66,12 +66,11 @@ def test_cli_and_trainable_report_the_same_windows(digits, tiny_zoo, tmp_path, m
     cfg, cli_logs = _cli_run(tiny_zoo, tmp_path, monkeypatch)
     reports, faults, tracked = [], [], []
     _stub_tune(monkeypatch, reports, faults, tracked)
-    zoo_refs = SimpleNamespace(materialise=lambda m, e: tiny_zoo)
     proxies = []
     monkeypatch.setattr(tr, "proxy_accuracy", lambda dist, c, epochs, device: proxies.append(dist.iteration) or 40.0)
     run = SimpleNamespace(log_metrics=lambda metrics, step: tracked.append((step, metrics)), last_step=lambda key: -1)
     options = tr.TrialOptions(recorder=None, parent_id="p", proxy_every=4, proxy_epochs=1)
-    distiller, resumed_from = tr.distill_with_checkpoints(cfg, digits, zoo_refs, "cpu", run, options)
+    distiller, resumed_from = tr.distill_with_checkpoints(cfg, digits, tiny_zoo, "cpu", run, options)
     assert resumed_from == 0 and distiller.iteration == 7
     steps = [2, 3, 4, 6, 7]  # multiples of log_every=2 or checkpoint_every=3, and the last
     assert [s for s, _ in cli_logs] == steps

@@ -20,11 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "digits-ipc10-smoke"
 
 
+# what a user sees does not depend on how long the networks train: 1 epoch, 1 network, a small zoo
+LIGHT = ["--set", "eval.epochs=1", "--set", "eval.runs=1", "--set", "zoo.max_per_class=10"]
+
+
 def search(storage: Path, *extra: str, samples: int = 3, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke",
-           "--num-samples", str(samples), "--storage", str(storage), "--num-cpus", "2", *extra]
+           "--num-samples", str(samples), "--storage", str(storage), "--num-cpus", "2", *LIGHT, *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -5,6 +5,8 @@ search's `TrialOptions`).
 The distiller's full state is checkpointed through Tune every `checkpoint_every`
 iterations, so a retried trial continues from its last iteration, not from 0; every report
 carries `resumed_from` (the iteration this attempt started at) and `node` (where it ran).
+The final record holds seconds and memory per phase (`dsdm.phases.PhaseClock`), and the trial's
+run the set, its grid and its manifest (`dsdm.manifest`), as `dsdm distill --evaluate` writes them.
 """
 from __future__ import annotations
 
@@ -98,16 +100,19 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], data: list, zoo: 
         run.set_tags({rec.COMPUTE_TAG: compute})
         start, clock = time.time(), PhaseClock(device)
         if d.method in SELECTORS:  # coreset baselines: real images picked in a zoo model's embedding
-            model_zoo = zoo.materialise(1, d.pretrain_epochs) if d.method != "random" else None
+            with clock.phase("zoo"):
+                model_zoo = zoo.materialise(1, d.pretrain_epochs) if d.method != "random" else None
             with clock.phase("distill"):
                 net = model_zoo.model(0, d.pretrain_epochs, device) if model_zoo is not None else None
                 distiller, resumed_from = None, 0
                 synset = select_coreset(d.method, dataset, d.ipc, d.seed, net, cfg.plain())
         else:
+            with clock.phase("zoo"):  # the trial's share of the zoo: its M snapshots from the object store
+                model_zoo = zoo.materialise(d.num_models, d.pretrain_epochs) if (zoo is not None and d.pretrained) else None
             with clock.phase("distill"):
-                distiller, resumed_from = distill_with_checkpoints(cfg, dataset, zoo, device, run, options)
+                distiller, resumed_from = distill_with_checkpoints(cfg, dataset, model_zoo, device, run, options)
             clock.carve("distill", "cache_fill", distiller.cache.fill_seconds)
-            model_zoo, synset = distiller.zoo, distiller.synthetic_set()
+            synset = distiller.synthetic_set()
         with tempfile.TemporaryDirectory(prefix="dsdm-trial-") as folder:  # the set written once, here
             final = evaluate_and_save(synset, cfg, dataset, device, Path(folder), clock, model_zoo)
             final.update(distill_seconds=time.time() - start - final["eval_seconds"], resumed_from=resumed_from,
@@ -181,13 +186,10 @@ def report_final(final: dict[str, Any], folder: str) -> None:
                 checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def distill_with_checkpoints(cfg: Config, dataset, zoo: ZooRefs | None, device, run: RunLog,
-                             options: TrialOptions):
+def distill_with_checkpoints(cfg: Config, dataset, model_zoo, device, run: RunLog, options: TrialOptions):
     """Algorithm 1 under Tune: `Distiller.run` (the CLI's loop) with hooks that send every report
     to MLflow and Tune (checkpoint steps with the distiller's state), resumed from Tune's last
     checkpoint, and the named fault point after every iteration."""
-    d = cfg.distill
-    model_zoo = zoo.materialise(d.num_models, d.pretrain_epochs) if (zoo is not None and d.pretrained) else None
     distiller = Distiller(dataset, cfg, model_zoo, device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
