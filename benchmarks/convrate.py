@@ -223,7 +223,7 @@ def _log(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.convrate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.convrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=list(DATASETS), default="mnist", help="input shape (default mnist: 1x28x28)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", default="64,128,256,512")

@@ -245,7 +245,7 @@ def markdown(table: list[list[str]], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller phases (about half the time)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, seconds (the test suite)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "device_check_out"))

@@ -255,7 +255,7 @@ def notes(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.distill", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distill", description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=5, help="timed steady-state iterations per path (default 5)")
     p.add_argument("--ipc", default="10,50", help="comma-separated IPCs (default 10,50)")
     p.add_argument("--models", type=int, default=2, help="M random-init zoo models (steady-state cost does not depend on it)")

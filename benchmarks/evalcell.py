@@ -196,7 +196,7 @@ def _log(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.evalcell", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.evalcell", description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of: {', '.join(CELLS)}")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
                    help="dataset folder (random pixels of the right shape where absent)")

@@ -23,7 +23,7 @@ from tune.zoo import put_dataset, train_zoo_on_pool
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-root")
     p.add_argument("--models", type=int, default=4)

@@ -238,7 +238,7 @@ def table(result: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=2, help="epochs per network (default 2: the short form)")
     p.add_argument("--eval-nets", type=int, default=10)
     p.add_argument("--zoo-nets", type=int, default=4)

@@ -46,7 +46,7 @@ def summary(accs: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = make_config("cpu", {"data.dataset": "mnist"})
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_equivalence", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_equivalence", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--dataset", default="mnist", help="default mnist (the issue's check); digits runs in seconds")
     p.add_argument("--nets", type=int, default=10)
