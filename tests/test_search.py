@@ -147,3 +147,9 @@ def test_search_smoke_trials_carry_phases_memory_and_a_manifest(search):
         assert scored["test"]["mean"] == pytest.approx(m["acc_mean/convnet3"]) and scored["val"]["mean"] == pytest.approx(m["val_acc"])
         assert manifest["zoo"]["key"].startswith("digits-") and set(manifest["phases"]) >= {"distill", "eval"}
         assert run.data.tags["mlflow.note.content"].startswith("digits distilled to 10 stored image(s) per class")
+
+
+def test_search_prints_no_tensorboard_hint(search):
+    """MLflow holds the records: no `tensorboard --logdir` advice for a tool that is not installed."""
+    _, proc = search
+    assert "TensorBoard" not in proc.stdout + proc.stderr

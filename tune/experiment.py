@@ -185,19 +185,28 @@ def _experiment(cfg: Config, runner: Runner, name: str, prog: str, trials: int, 
 def make_tuner(trainable, runner: Runner, storage: Storage, name: str, param_space: dict, *, restore: bool = False,
                search_alg=None, scheduler=None, num_samples: int = 1, reuse_actors: bool = False):
     """A new Tuner at storage/name (a folder or a URI), or the one saved there (`restore`)."""
+    import os
+
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from tune.faults import FaultPoints
 
+    # Tune adds a TensorBoard logger when tensorboardX is importable (a dependency of a dependency
+    # here) and then prints a `tensorboard --logdir` hint for a tool that is not installed; MLflow
+    # holds the records. Its CSV and JSON result files stay (resume and the tests read them).
+    # (A restored Tuner keeps the callbacks it was saved with; one from before this keeps Tune's.)
     if restore:
         return tune.Tuner.restore(storage.uri(name), trainable, resume_errored=True)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", search_alg=search_alg, scheduler=scheduler,
                                     num_samples=num_samples, reuse_actors=reuse_actors),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage.root, verbose=1, callbacks=[FaultPoints()],
+            name=name, storage_path=storage.root, verbose=1,
+            callbacks=[FaultPoints(), CSVLoggerCallback(), JsonLoggerCallback()],
             failure_config=tune.FailureConfig(max_failures=runner.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
