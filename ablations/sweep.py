@@ -232,7 +232,6 @@ def _fit_part(exp, trainable, part: dict, cells: dict[str, dict], resume: bool):
     from tune.experiment import make_tuner
 
     restore = resume and tune.Tuner.can_restore(exp.storage.uri(part["folder"]))
-    # reuse_actors: a trial's process (torch, MLflow imported) serves the next cell
-    tuner = make_tuner(trainable, exp.runner, exp.storage, part["folder"], restore=restore, reuse_actors=True,
+    tuner = make_tuner(trainable, exp.runner, exp.storage, part["folder"], restore=restore,
                        param_space={"cell": tune.grid_search(list(cells)), "seed": tune.grid_search(part["seeds"])})
     return exp.fit(tuner)

@@ -183,8 +183,9 @@ def _experiment(cfg: Config, runner: Runner, name: str, prog: str, trials: int, 
 
 
 def make_tuner(trainable, runner: Runner, storage: Storage, name: str, param_space: dict, *, restore: bool = False,
-               search_alg=None, scheduler=None, num_samples: int = 1, reuse_actors: bool = False):
-    """A new Tuner at storage/name (a folder or a URI), or the one saved there (`restore`)."""
+               search_alg=None, scheduler=None, num_samples: int = 1):
+    """A new Tuner at storage/name (a folder or a URI), or the one saved there (`restore`).
+    Trials reuse their actor: a trial's process (torch, MLflow imported, ~5 CPU-s) serves the next."""
     import os
 
     from ray import tune
@@ -203,7 +204,7 @@ def make_tuner(trainable, runner: Runner, storage: Storage, name: str, param_spa
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=num_samples, reuse_actors=reuse_actors),
+                                    num_samples=num_samples, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=storage.root, verbose=1,
             callbacks=[FaultPoints(), CSVLoggerCallback(), JsonLoggerCallback()],

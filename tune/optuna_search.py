@@ -98,8 +98,7 @@ def run_search(spec: SearchSpec, runner: Runner, prog: str = "tune.search") -> d
         if spec.resume and not tune.Tuner.can_restore(storage.uri(name)):
             raise DsdmError(f"nothing to resume at '{storage.uri(name)}'; run without --resume first")
         if spec.resume:
-            # a search from before the record: its id was its path, which stays its id from now on
-            record = SearchRecord.load(storage, name) or SearchRecord(storage.uri(name), {})
+            record = SearchRecord.of(storage, name)
             more_samples = check_resume(record.command, command)
 
     with open_experiment(cfg, runner, name, prog=prog, trials=spec.num_samples, resume=spec.resume,
@@ -170,7 +169,7 @@ def _tune_and_cross_arch(spec: SearchSpec, exp, space: dict):
     trainable = exp.trainable(run_trial, exp.trial_options(proxy_every=spec.proxy_every))
     searcher, scheduler = (None, None) if spec.resume else make_searcher(spec, exp.cfg, exp.runner.trial_slots())
     tuner = make_tuner(trainable, exp.runner, exp.storage, exp.name, space, restore=spec.resume,
-                       search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples, reuse_actors=True)
+                       search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples)
     results = exp.fit(tuner)
     record_placement(exp.storage, exp.name, exp.data_ref, exp.zoo_info)
     if STOP.signal is not None:

@@ -24,10 +24,8 @@ def record_name(name: str) -> str:
 
 
 def search_id_of(storage, name: str) -> str:
-    """The `dsdm.search_id` of the experiment NAME under `storage`: its record's id (a search), else
-    its Tune path (a sweep, or a search from before records, whose id its path stays)."""
-    record = SearchRecord.load(storage, name)
-    return record.search_id if record else storage.uri(name)
+    """The `dsdm.search_id` of the experiment NAME under `storage` (its MLflow runs carry it)."""
+    return SearchRecord.of(storage, name).search_id
 
 
 @dataclass
@@ -41,6 +39,12 @@ class SearchRecord:
             return None
         data = json.loads(storage.read_text(record_name(name)))
         return cls(data["search_id"], data["command"])
+
+    @classmethod
+    def of(cls, storage, name: str) -> "SearchRecord":
+        """The saved record; for a sweep, or a search from before records, one whose id is its Tune
+        path (which stays its id from then on) and whose command is unknown."""
+        return cls.load(storage, name) or cls(storage.uri(name), {})
 
     @classmethod
     def new(cls, command: dict) -> "SearchRecord":
