@@ -101,13 +101,9 @@ def test_mlflow_line_opens_the_runs_table_with_the_venvs_mlflow():
     line = mlflow_advice("sqlite:////x/mlflow.db", "7")
     assert line.startswith(f"MLflow: {Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:////x/")
     url = line.split("then open ", 1)[1]
-    assert url.startswith("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning&")
-    # MLflow 3.17 honours the sort only with every facet in the URL
-    for facet in ("searchFilter=", "orderByKey=metrics.%60val_acc%60", "orderByAsc=false", "startTime=ALL",
-                  "lifecycleFilter=Active", "modelVersionFilter=All%20Runs", "datasetsFilter="):
-        assert f"&{facet}" in url or f"?{facet}" in url, facet
-    assert mlflow_advice("http://10.0.0.1:5000", "3").startswith(
-        "MLflow: open http://10.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&")
+    assert url == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=dsdm-trials"
+    assert mlflow_advice("http://10.0.0.1:5000", "3") == (
+        "MLflow: open http://10.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=dsdm-trials")
 
 
 def test_zoo_lock_makes_a_second_search_wait(tmp_path):
@@ -239,7 +235,14 @@ def test_search_prints_the_runs_table_url(finished):
     storage, proc = finished
     c = client(storage)
     exp_id = c.get_experiment_by_name("dsdm-digits-ipc10").experiment_id
-    assert f"#/experiments/{exp_id}/runs?workflowType=machine_learning" in proc.stdout
+    assert f"#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=dsdm-trials" in proc.stdout
+    # the view that key loads is on the experiment, and each column it shows is a trial's metric or param
+    view = json.loads(c.get_experiment(exp_id).tags["mlflow.sharedViewState.dsdm-trials"])
+    assert view["orderByKey"] == "metrics.`val_acc`" and view["orderByAsc"] is False
+    trial = next(r for r in c.search_runs([exp_id]) if "dsdm.trial_id" in r.data.tags)
+    for column in view["selectedColumns"]:
+        kind, key = column.split(".", 1)
+        assert key.strip("`") in {"metrics": trial.data.metrics, "params": trial.data.params}[kind], column
     assert f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri sqlite:///{storage}" in proc.stdout
 
 

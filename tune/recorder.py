@@ -36,6 +36,19 @@ XARCH_NODES_TAG = "dsdm.xarch_nodes"  # JSON {arch: [node ids]}: where the cross
 XARCH = "xarch/"  # prefix of the cross-architecture evaluation's keys (the trial's own are unprefixed)
 # MLflow 3 opens an experiment by its kind; untagged ones may open on the GenAI "Traces" page
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# A runs-table view stored on the experiment, the way MLflow's own "Share" button stores one: the
+# URL's `viewStateShareKey=<key>` loads the tag `mlflow.sharedViewState.<key>` (plain JSON is read)
+VIEW_KEY = "dsdm-trials"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+RUNS_VIEW = {
+    # the search facets (all of them, else MLflow 3.17 ignores the sort): best validation accuracy first
+    "searchFilter": "", "orderByKey": "metrics.`val_acc`", "orderByAsc": False, "startTime": "ALL",
+    "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+    # the objective, the reported test accuracy and the searched hyper-parameters as columns
+    "selectedColumns": ["metrics.`val_acc`", "metrics.`test_acc`", "metrics.`test_std`",
+                        "params.`distill.lambda1`", "params.`distill.lambda2`",
+                        "params.`distill.num_models`", "params.`distill.pretrain_epochs`"],
+}
 
 
 def default_uri(storage: Path) -> str:
@@ -44,15 +57,14 @@ def default_uri(storage: Path) -> str:
 
 
 def runs_table_url(base: str, experiment_id: str) -> str:
-    """The experiment's runs table in MLflow 3's UI, every trial a row, best validation accuracy first.
+    """The experiment's runs table in MLflow 3's UI: every trial a row, best validation accuracy
+    first, objective, test accuracy and λ1/λ2/M/E as columns (the view `RUNS_VIEW`, stored on the
+    experiment by `Recorder.open`).
 
     Checked in headless Chromium against MLflow 3.17: `#/experiments/<id>` opens the GenAI overview
-    whatever the experiment's tags; `/runs?workflowType=machine_learning` opens the runs table, which
-    honours a sort only when the URL names every search facet (then the trials are rows of their own,
-    not hidden under their parent). Metric columns cannot be chosen by URL ("Columns" adds them)."""
-    facets = ("searchFilter=&orderByKey=metrics.%60val_acc%60&orderByAsc=false&startTime=ALL"
-              "&lifecycleFilter=Active&modelVersionFilter=All%20Runs&datasetsFilter=")
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&{facets}"
+    whatever the experiment's tags; `/runs?workflowType=machine_learning` opens the runs table, and
+    `viewStateShareKey` applies the stored view (docs/figures/mlflow-experiment-landing.png)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 
 def mlflow_advice(uri: str, experiment_id: str, port: int = 5000) -> str:
@@ -130,8 +142,10 @@ class Recorder:
                 recorder.experiment_id = recorder.client.create_experiment(experiment, artifact_location=location)
             else:
                 recorder.experiment_id = exp.experiment_id
-            if exp is None or exp.tags.get(KIND_TAG) != KIND:
-                recorder.client.set_experiment_tag(recorder.experiment_id, KIND_TAG, KIND)
+            tags = {} if exp is None else exp.tags
+            for key, value in ((KIND_TAG, KIND), (VIEW_TAG, json.dumps(RUNS_VIEW))):
+                if tags.get(key) != value:
+                    recorder.client.set_experiment_tag(recorder.experiment_id, key, value)
         return recorder
 
     @property
