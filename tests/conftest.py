@@ -74,16 +74,3 @@ def mnist(shared_data):
     from dsdm.data import load_dataset
 
     return load_dataset("mnist", shared_data, offline=True)
-
-
-# The files that take longest, longest first (measured with --durations). `-n 2 --dist loadfile`
-# hands files to the two workers in collection order, so a long file collected last would run alone
-# while the other worker idles; starting the long ones first evens the two workers out.
-LONG_FILES = ("test_ablations.py", "test_records.py", "test_user_view.py", "test_cluster_rehearsal.py",
-              "test_search.py", "test_stats.py", "test_cluster.py", "test_faults.py", "test_fidelity.py",
-              "test_zoo_pool.py", "test_bench.py", "test_train.py", "test_device_check.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: each file keeps its order
