@@ -50,6 +50,7 @@ from dsdm.losses import TERMS, RealSide, dsdm_class_loss, dsdm_losses
 from dsdm.memory import MemoryBank
 from dsdm.recipes import match_ops
 from dsdm.synthetic import SyntheticSet, tile_grid
+from dsdm.train import compile_static
 from dsdm.models import build_model
 from dsdm.zoo import ModelZoo, zoo_arch
 
@@ -106,7 +107,7 @@ def _maybe_compile(fn, enabled: bool):
     """torch.compile(fn), falling back to eager (once, with a warning) if the backend fails."""
     if not enabled:
         return fn
-    compiled = torch.compile(fn, dynamic=False)
+    compiled = compile_static(fn)
     state = {"fn": compiled}
 
     def call(*args):

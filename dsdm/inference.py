@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from dsdm.augment import normalize
-from dsdm.train import has_batchnorm
+from dsdm.train import compile_static, has_batchnorm
 
 # score_batch=0: on CPU, batch 1024 ran ~1.6x slower per image than 64 or 256 (activations leave the
 # caches; docs/benchmarks.md, shared cores); on CUDA large batches keep the GPU busy
@@ -53,9 +53,7 @@ def compiled_forward() -> Callable:
     nn.Modules), so networks of one architecture share the graph; the on-disk inductor cache makes
     later processes' compiles fast."""
     if "forward" not in _COMPILED:
-        # vec_isa_ok: skip inductor's per-process checks that the compiler builds each SIMD ISA the CPU
-        # reports (each one a `python -c "import torch"`: half of a warm-cache compile's ~30 s here)
-        _COMPILED["forward"] = torch.compile(_forward, dynamic=False, options={"cpp.vec_isa_ok": True})
+        _COMPILED["forward"] = compile_static(_forward)  # vec_isa_ok: half of a warm-cache compile's ~30 s here
     return _COMPILED["forward"]
 
 

@@ -34,6 +34,13 @@ MEMORY_FORMATS = ("nchw", "channels_last", "as_is")  # as_is: whatever strides D
 AUTO_COMPILE_STEPS = 10_000  # compile=auto: ~1 min of compiling pays back only over this many steps (CPU)
 
 
+def compile_static(fn):
+    """torch.compile(fn) for fixed shapes, as every compiled path here uses it. vec_isa_ok skips
+    inductor's per-process checks that the C++ compiler builds each SIMD ISA the CPU reports (each
+    one a `python -c "import torch"`): a cold compile of the training step took 51 s instead of 66."""
+    return torch.compile(fn, dynamic=False, options={"cpp.vec_isa_ok": True})
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
     epochs: int
@@ -97,7 +104,7 @@ def train_classifier(
     model.train()
     opt, sched = _optimizer(model.parameters(), recipe)
     net = in_precision(model, recipe.precision)
-    loss_fn = torch.compile(_net_loss, dynamic=False) if recipe.compile else _net_loss
+    loss_fn = compile_static(_net_loss) if recipe.compile else _net_loss
     for epoch in range(1, recipe.epochs + 1):
         bad = torch.zeros((), dtype=torch.bool, device=x.device)
         for step in plan_epoch(len(x), recipe, generator, tuple(x.shape[2:]), x.device):

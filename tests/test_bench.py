@@ -104,12 +104,13 @@ def test_train_bench_short_form_writes_the_issue_json(tmp_path):
 
 @pytest.mark.slow
 def test_train_bench_bf16_rows(tmp_path):
-    """--bf16 adds the eval workload in bf16 (eager, channels_last, compiled; one compile, ~2 min)."""
+    """--bf16 adds the eval workload in bf16 (eager, channels_last, compiled). 64 images: one batch
+    shape, so one graph to compile (a smaller last batch would compile a second)."""
     from benchmarks.train import BF16
 
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, "-m", "dsdm.bench", "--train", "--bf16", "--epochs", "1", "--eval-nets", "1",
-                           "--eval-images", "70", "--zoo-nets", "1", "--zoo-per-class", "2", "--batched-ns", "",
+                           "--eval-images", "64", "--zoo-nets", "1", "--zoo-per-class", "2", "--batched-ns", "",
                            "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     b = json.loads(out.read_text())["train"]["eval_convnet3_bf16"]

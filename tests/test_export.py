@@ -138,23 +138,27 @@ def test_folder_sha256_changes_with_any_file(tmp_path):
     assert sha256_path(out) != before
 
 
-def test_cli_export_records_each_sha256_in_the_manifest(tmp_path):
-    """A real (smoke) distillation, then every format through `python -m dsdm export`."""
+def test_cli_export_records_each_sha256_in_the_manifest(tmp_path, monkeypatch, capsys):
+    """A real (smoke) distillation by `python -m dsdm distill`, then every format through the
+    `export` command (in this process: the same `dsdm.cli.main` the console runs)."""
+    from dsdm import cli
+
     env = {**os.environ, "DSDM_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "dsdm", *a], cwd=tmp_path, env=env,  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
-    r = run("distill", "--dataset", "digits", "--budget", "smoke", "--ipc", "1", "--out", "s.pt")
+    r = subprocess.run([sys.executable, "-m", "dsdm", "distill", "--dataset", "digits", "--budget", "smoke", "--ipc", "1",
+                        "--out", "s.pt"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)
     outs = {"imagefolder": "if", "npz": "s.npz", "ddranking": "dd", "tuple": "t.pt"}
     for fmt in ("imagefolder", "npz", "tuple", "ddranking"):
-        r = run("export", "s.pt", "--to", fmt, outs[fmt])
-        assert r.returncode == 0, r.stderr
-        assert f"wrote {outs[fmt]}: 40 decoded images of digits ({fmt})" in r.stdout
+        assert cli.main(["export", "s.pt", "--to", fmt, outs[fmt]]) == 0
+        out, err = capsys.readouterr()
+        assert f"wrote {outs[fmt]}: 40 decoded images of digits ({fmt})" in out, err
     exports = json.loads((tmp_path / "s.manifest.json").read_text())["exports"]
     assert set(exports) == set(FORMATS)
     for fmt in FORMATS:
         assert exports[fmt] == {"path": outs[fmt], "sha256": sha256_path(tmp_path / outs[fmt])}
-    assert "DD-Ranking scores 3-channel" in r.stderr  # digits is grey: the last (ddranking) export said so
-    r = run("export", "s.pt", "--to", "imagefolder", "if")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "already exists" in r.stderr
+    assert "DD-Ranking scores 3-channel" in err  # digits is grey: the last (ddranking) export said so
+    assert cli.main(["export", "s.pt", "--to", "imagefolder", "if"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err

@@ -25,10 +25,12 @@ LIGHT = ["--set", "eval.epochs=1", "--set", "eval.runs=1", "--set", "zoo.max_per
 
 
 def search(storage: Path, *extra: str, samples: int = 3, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A smoke search on a 1-CPU Ray: half the worker processes of 2 CPUs (each imports torch), and
+    nothing here is about parallelism (tests/test_search.py checks the 2-actor zoo)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke",
-           "--num-samples", str(samples), "--storage", str(storage), "--num-cpus", "2", *LIGHT, *extra]
+           "--num-samples", str(samples), "--storage", str(storage), "--num-cpus", "1", *LIGHT, *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
