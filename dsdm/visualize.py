@@ -3,14 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from dsdm.synthetic import SyntheticSet  # noqa: E402
+from dsdm.synthetic import SyntheticSet
 
 
 def save_grid(synset: SyntheticSet, path: str | Path, decoded: bool = True,
@@ -18,6 +13,14 @@ def save_grid(synset: SyntheticSet, path: str | Path, decoded: bool = True,
     """One row per class: the decoded images the classifier trains on (or, `decoded=False`, the stored
     images with their l x l tiles), each enlarged by an integer factor with nearest-neighbour pixels to
     at least `cell_px` pixels, and the figure sized so that no pixel is resampled again."""
+    # imported here, not at the top: torchvision brings torch._dynamo (~1.2 s a process), which the
+    # processes that import this module without drawing (a search's driver, the CLIs) never need
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers and CI
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
     images, labels = synset.decoded() if decoded else (synset.images, synset.labels)
     order = torch.argsort(labels, stable=True)
     images, labels = images[order].clamp(0, 1), labels[order]
