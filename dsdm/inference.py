@@ -53,7 +53,7 @@ def compiled_forward() -> Callable:
     nn.Modules), so networks of one architecture share the graph; the on-disk inductor cache makes
     later processes' compiles fast."""
     if "forward" not in _COMPILED:
-        _COMPILED["forward"] = compile_static(_forward)  # vec_isa_ok: half of a warm-cache compile's ~30 s here
+        _COMPILED["forward"] = compile_static(_forward)
     return _COMPILED["forward"]
 
 
