@@ -67,6 +67,25 @@ def tiny_zoo(digits):
 
 
 @pytest.fixture(scope="session")
+def smoke_zoo(tmp_path_factory, digits) -> Path:
+    """The zoo of the tests' tiny smoke search (helpers.TINY), trained once in this process: copied
+    into a search's storage by helpers.seed_zoo where the test is not about the zoo, so that search
+    starts no zoo actor (~5 CPU-s a search). Returns the `zoos` folder holding it."""
+    from helpers import TINY
+
+    from dsdm.zoo import load_or_train_zoo
+    from tune.optuna_search import SearchSpec, base_config
+    from tune.space import parse_fixed, search_space
+
+    spec = SearchSpec(dataset="digits", budget="smoke", sets=tuple(TINY[1::2]))
+    fixed = parse_fixed(spec.fix)
+    cfg = base_config(spec, search_space(spec.budget, fixed), fixed)
+    zoos = tmp_path_factory.mktemp("smoke_zoo") / "zoos"
+    load_or_train_zoo(digits, cfg.zoo, zoos, cfg.data.seed, cfg.data.val_fraction)
+    return zoos
+
+
+@pytest.fixture(scope="session")
 def mnist(shared_data):
     """Real MNIST from the shared folder (loading only: 28x28 is ~15x slower than digits)."""
     if not (shared_data / "MNIST").is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,12 +30,23 @@ def search_env(faults: Path | None = None, **points: str) -> dict:
     return env
 
 
+def seed_zoo(storage: Path, smoke_zoo: Path) -> Path:
+    """The session's pre-trained smoke zoo (conftest's `smoke_zoo`) copied into `storage`, where the
+    search finds and reuses it; returns the copied model folder."""
+    (folder,) = [p for p in smoke_zoo.iterdir() if p.is_dir()]
+    return Path(shutil.copytree(folder, storage / "zoos" / folder.name))
+
+
+def search_argv(storage: Path, *extra: str, samples: int = SAMPLES) -> list[str]:
+    """tune.search's arguments for the tiny smoke search (for `main(argv)` in process, or a subprocess)."""
+    return ["--dataset", "digits", "--budget", "smoke", "--num-samples", str(samples), "--num-cpus", "1",
+            "--storage", str(storage), "--cross-arch", "none", *TINY, *extra]
+
+
 def run_search(storage: Path, log: Path, *extra: str, env: dict | None = None, samples: int = SAMPLES,
                timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m tune.search` on a private 1-CPU Ray; stdout/stderr kept in log.out/log.err."""
-    cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke",
-           "--num-samples", str(samples), "--num-cpus", "1", "--storage", str(storage), "--cross-arch", "none",
-           *TINY, *extra]
+    cmd = [sys.executable, "-m", "tune.search", *search_argv(storage, *extra, samples=samples)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env or search_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:

@@ -28,23 +28,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import (FINAL_METRICS, ITERATIONS, NAME, SAMPLES, TINY, finished, last_line, mlflow_runs,
-                     reports, run_search, search_env, snapshot)
+from helpers import (FINAL_METRICS, ITERATIONS, NAME, SAMPLES, finished, last_line, mlflow_runs,
+                     reports, run_search, search_env, seed_zoo, snapshot)
 
 pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
 
 
-def seed_corrupt_zoo(storage: Path, digits) -> Path:
-    """Pre-train (in this process) the zoo the search will look for, then corrupt one snapshot."""
-    from dsdm.zoo import load_or_train_zoo
-    from tune.optuna_search import SearchSpec, base_config
-    from tune.space import parse_fixed, search_space
-
-    spec = SearchSpec(dataset="digits", budget="smoke", sets=tuple(TINY[1::2]))
-    fixed = parse_fixed(spec.fix)
-    cfg = base_config(spec, search_space(spec.budget, fixed), fixed)
-    _, folder = load_or_train_zoo(digits, cfg.zoo, storage / "zoos", cfg.data.seed, cfg.data.val_fraction)
-    snapshot = folder / "model000_epoch001.pt"
+def seed_corrupt_zoo(storage: Path, smoke_zoo: Path) -> Path:
+    """The zoo the search will look for (the session's pre-trained one), one snapshot corrupted."""
+    snapshot = seed_zoo(storage, smoke_zoo) / "model000_epoch001.pt"
     data = bytearray(snapshot.read_bytes())
     data[len(data) // 2] ^= 0xFF
     snapshot.write_bytes(bytes(data))
@@ -52,11 +44,11 @@ def seed_corrupt_zoo(storage: Path, digits) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, digits):
+def chain(tmp_path_factory, smoke_zoo):
     tmp = tmp_path_factory.mktemp("faults")
     storage = tmp / "storage"
     state: dict = {"storage": storage, "tmp": tmp}
-    state["corrupt"] = seed_corrupt_zoo(storage, digits).read_bytes()
+    state["corrupt"] = seed_corrupt_zoo(storage, smoke_zoo).read_bytes()
     steps = [("run1", [], {"driver_checkpoint": "2:2@SIGINT"}),
              ("run2", ["--resume"], {"driver_checkpoint": "2:4@SIGTERM"}),
              ("run3", ["--resume"], {"trial_final_logged": "2@SIGINT,block"}),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import NAME, TINY, last_line, run_search, search_env, snapshot
+from helpers import NAME, TINY, last_line, run_search, search_argv, search_env, seed_zoo, snapshot
 
 pytestmark = pytest.mark.slow  # Ray and subprocess searches end to end
 
@@ -29,15 +29,17 @@ def one_error_line(stderr: str) -> str:
 
 
 # --- finding 3: one search per experiment folder ------------------------------------------------
-def test_second_search_on_folder_exits_2_naming_the_holder(tmp_path):
+def test_second_search_on_folder_exits_2_naming_the_holder(tmp_path, capsys):
+    """Refused before Ray starts: run in process (the subprocess path is every other search here)."""
+    from tune import search as tune_search
+
     storage = tmp_path / "storage"
     storage.mkdir()
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2026-12-01 10:00:00"}
     lock = storage / f"{NAME}.lock"
     lock.write_text(json.dumps(holder))  # this test process plays the running search
-    proc = run_search(storage, tmp_path / "second")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = one_error_line(proc.stderr)
+    assert tune_search.main(search_argv(storage)) == 2
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"tune.search: error: '{storage / NAME}' is in use by another search "
                            f"(pid {os.getpid()} on {socket.gethostname()}, since 2026-12-01 10:00:00)"), line
     assert json.loads(lock.read_text()) == holder and sorted(p.name for p in storage.iterdir()) == [lock.name]
@@ -136,9 +138,10 @@ def test_sweep_interrupted_runs_end_killed_then_finished(sweep_interrupts):
 
 # --- finding 5: a full disk ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def disk_full(tmp_path_factory):
+def disk_full(tmp_path_factory, smoke_zoo):
     tmp = tmp_path_factory.mktemp("disk_full")
     storage = tmp / "storage"
+    seed_zoo(storage, smoke_zoo)
     full = run_search(storage, tmp / "full", env=search_env(tmp / "f", tables_enospc="write@enospc"), samples=1)
     state = {"storage": storage, "full": full, "tmp_files": sorted(str(p) for p in storage.rglob("*.tmp")),
              "mlflow_full": snapshot(storage)}
@@ -170,10 +173,11 @@ def test_disk_full_marks_parent_failed_and_resume_finishes(disk_full):
     assert after[trial]["counts"]["test_acc"] == 1 and after[trial]["parent"] == after["parent"]["run_id"]
 
 
-def test_disk_full_in_a_trial_stops_the_search_at_once_with_a_short_stderr(tmp_path):
+def test_disk_full_in_a_trial_stops_the_search_at_once_with_a_short_stderr(tmp_path, smoke_zoo):
     """The first trial error that names a full disk stops Tune (no retries, no tracebacks): Tune's
     and MLflow's repeats of it are dropped, the one line ends stderr, the runs end FAILED."""
     storage = tmp_path / "storage"
+    seed_zoo(storage, smoke_zoo)
     proc = run_search(storage, tmp_path / "enospc", samples=1, env=search_env(tmp_path / "f", trial_start="1@enospc"))
     assert proc.returncode == 2, proc.stderr[-3000:]  # the old code retried the trial (--max-failures 2): exit 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -253,8 +257,9 @@ def test_disk_full_with_mlflow_on_it_marks_runs_failed_and_resume_finishes(small
 
 
 # --- finding 11: a search with no trial DONE ------------------------------------------------------
-def test_search_without_a_finished_trial_exits_2_quoting_its_error(tmp_path):
+def test_search_without_a_finished_trial_exits_2_quoting_its_error(tmp_path, smoke_zoo):
     storage = tmp_path / "storage"
+    seed_zoo(storage, smoke_zoo)
     proc = run_search(storage, tmp_path / "failing", "--max-failures", "0", samples=1,
                       env=search_env(tmp_path / "f", trial_start="1@raise"))
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import seed_zoo
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "digits-ipc10-smoke"
@@ -24,13 +25,17 @@ NAME = "digits-ipc10-smoke"
 LIGHT = ["--set", "eval.epochs=1", "--set", "eval.runs=1", "--set", "zoo.max_per_class=10"]
 
 
+def argv(storage: Path, *extra: str, samples: int = 3) -> list[str]:
+    return ["--dataset", "digits", "--budget", "smoke", "--num-samples", str(samples), "--storage", str(storage),
+            "--num-cpus", "1", *LIGHT, *extra]
+
+
 def search(storage: Path, *extra: str, samples: int = 3, timeout: int = 600) -> subprocess.CompletedProcess:
     """A smoke search on a 1-CPU Ray: half the worker processes of 2 CPUs (each imports torch), and
     nothing here is about parallelism (tests/test_search.py checks the 2-actor zoo)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke",
-           "--num-samples", str(samples), "--storage", str(storage), "--num-cpus", "1", *LIGHT, *extra]
+    cmd = [sys.executable, "-m", "tune.search", *argv(storage, *extra, samples=samples)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -170,9 +175,10 @@ def test_distill_interrupted_before_distillation_does_not_promise_a_checkpoint(t
 
 # --- a real search ------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_deterministic_trial_error_is_not_retried(tmp_path):
+def test_deterministic_trial_error_is_not_retried(tmp_path, smoke_zoo):
     """Every trial's loss overflows: each trial stops once (no retries), stderr stays short and its
     advice names a flag tune.search has."""
+    seed_zoo(tmp_path, smoke_zoo)
     proc = search(tmp_path, "--set", "distill.lr_img=1e30", samples=2)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -186,8 +192,9 @@ def test_deterministic_trial_error_is_not_retried(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, smoke_zoo):
     storage = tmp_path_factory.mktemp("finished") / "runs"
+    seed_zoo(storage, smoke_zoo)
     proc = search(storage)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return storage, proc
@@ -249,12 +256,15 @@ def test_search_prints_the_runs_table_url(finished):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_flag_in_one_line(finished, tmp_path):
+def test_resume_refuses_a_changed_flag_in_one_line(finished, tmp_path, capsys):
+    """Refused before Ray starts: in process (the other resumes here are subprocesses)."""
+    from tune import search as tune_search
+
     storage = copy_of(finished, tmp_path)
-    proc = search(storage, "--resume", "--seed", "1")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--seed is 1 here but 0" in lines[0], proc.stderr[-2000:]
+    assert tune_search.main(argv(storage, "--resume", "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--seed is 1 here but 0" in lines[0], err[-2000:]
 
 
 @pytest.mark.slow
