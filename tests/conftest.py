@@ -70,7 +70,7 @@ def tiny_zoo(digits):
 def smoke_zoo(tmp_path_factory, digits) -> Path:
     """The zoo of the tests' tiny smoke search (helpers.TINY), trained once in this process: copied
     into a search's storage by helpers.seed_zoo where the test is not about the zoo, so that search
-    starts no zoo actor (~5 CPU-s a search). Returns the `zoos` folder holding it."""
+    starts no zoo actor (~5 CPU-s a search). Returns the zoo's folder, `<tmp>/zoos/<zoo key>`."""
     from helpers import TINY
 
     from dsdm.zoo import load_or_train_zoo
@@ -80,9 +80,9 @@ def smoke_zoo(tmp_path_factory, digits) -> Path:
     spec = SearchSpec(dataset="digits", budget="smoke", sets=tuple(TINY[1::2]))
     fixed = parse_fixed(spec.fix)
     cfg = base_config(spec, search_space(spec.budget, fixed), fixed)
-    zoos = tmp_path_factory.mktemp("smoke_zoo") / "zoos"
-    load_or_train_zoo(digits, cfg.zoo, zoos, cfg.data.seed, cfg.data.val_fraction)
-    return zoos
+    _, folder = load_or_train_zoo(digits, cfg.zoo, tmp_path_factory.mktemp("smoke_zoo") / "zoos", cfg.data.seed,
+                                  cfg.data.val_fraction)
+    return folder
 
 
 @pytest.fixture(scope="session")

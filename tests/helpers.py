@@ -33,8 +33,7 @@ def search_env(faults: Path | None = None, **points: str) -> dict:
 def seed_zoo(storage: Path, smoke_zoo: Path) -> Path:
     """The session's pre-trained smoke zoo (conftest's `smoke_zoo`) copied into `storage`, where the
     search finds and reuses it; returns the copied model folder."""
-    (folder,) = [p for p in smoke_zoo.iterdir() if p.is_dir()]
-    return Path(shutil.copytree(folder, storage / "zoos" / folder.name))
+    return Path(shutil.copytree(smoke_zoo, storage / "zoos" / smoke_zoo.name))
 
 
 def search_argv(storage: Path, *extra: str, samples: int = SAMPLES) -> list[str]:

@@ -204,6 +204,7 @@ def small_disk_prefix() -> list[str] | None:
 FULL_DISK_SCRIPT = """
 set -u
 mount -t tmpfs -o size=12m tmpfs "$STORAGE"
+mkdir "$STORAGE/zoos" && cp -a "$SEED_ZOO" "$STORAGE/zoos/"
 "$@" > "$OUT/full.out" 2> "$OUT/full.err"; echo $? > "$OUT/full.rc"
 ls -a "$STORAGE" > "$OUT/full.ls"; cp -a "$STORAGE" "$OUT/after_full"
 rm "$DSDM_FAULT_FILL"
@@ -214,9 +215,10 @@ cp -a "$STORAGE" "$OUT/after_resume"
 
 
 @pytest.fixture(scope="module")
-def small_disk(tmp_path_factory):
-    """A search on a 12 MB tmpfs (its own mount namespace) that the fault `fill` fills after trial 1's
-    iteration 3, MLflow's sqlite file included; then the fill is deleted and the search resumed."""
+def small_disk(tmp_path_factory, smoke_zoo):
+    """A search on a 12 MB tmpfs (its own mount namespace, the session's smoke zoo copied onto it) that
+    the fault `fill` fills after trial 1's iteration 3, MLflow's sqlite file included; then the fill is
+    deleted and the search resumed."""
     prefix = small_disk_prefix()
     if prefix is None:
         pytest.skip("no mount namespace for a small tmpfs (needs root or unprivileged user namespaces)")
@@ -224,9 +226,8 @@ def small_disk(tmp_path_factory):
     storage, faults = tmp / "storage", tmp / "f"
     storage.mkdir()
     env = search_env(faults, trial_exit_at="3@fill")
-    env.update(DSDM_FAULT_FILL=str(storage / "fill"), STORAGE=str(storage), OUT=str(tmp))
-    cmd = [sys.executable, "-m", "tune.search", "--dataset", "digits", "--budget", "smoke", "--num-samples", "1",
-           "--num-cpus", "1", "--storage", str(storage), "--cross-arch", "none", *TINY]
+    env.update(DSDM_FAULT_FILL=str(storage / "fill"), STORAGE=str(storage), OUT=str(tmp), SEED_ZOO=str(smoke_zoo))
+    cmd = [sys.executable, "-m", "tune.search", *search_argv(storage, samples=1)]
     subprocess.run([*prefix, "sh", "-c", FULL_DISK_SCRIPT, "sh", *cmd], cwd=REPO, env=env, timeout=900, check=True)
     read = lambda name: (tmp / name).read_text()  # noqa: E731
     return {"storage": storage, "fired": (faults / "trial_exit_at.fired").is_file(),
